@@ -1,0 +1,238 @@
+"""The benchmark (512 concepts in 5 classes), statements, questions, prompts and token bookkeeping.
+
+Token positions are found from character offsets, never by searching for a hard-coded token,
+so the same code serves every fast tokenizer and chat template:
+- the prefix span: the tokens that overlap the prefix's characters in the rendered prompt;
+- the shared tail: the tokens that start after the user text (for SmolLM2
+  `<|im_end|>\\n<|im_start|>assistant\\n`), identical for every prompt of a model.
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .paths import CONCEPTS_DIR, QUESTIONS_FILE, STATEMENTS_FILE
+
+CLASSES = ("fears", "places", "personas", "experts", "moods")
+PREFIX_TEMPLATES = {
+    "fears": "Personify someone who is terrified of {c}.",
+    "places": "Personify someone who loves {c}.",
+    "personas": "Take on the role of {c}.",
+    "experts": "Take on the role of an expert {c}.",
+    "moods": "Take on a {c} mood.",
+}
+LOWERCASE_CLASSES = frozenset({"fears", "moods", "experts"})  # as in the paper; places/personas keep case
+STATEMENT_TEMPLATE = "What are your thoughts on the following statement? Statement: {s}"
+QUESTION_SUFFIX = "Answer in 20 words or less."
+
+
+def check_class(concept_class: str) -> str:
+    """Return `concept_class` or raise a ValueError naming the valid classes."""
+    if concept_class not in CLASSES:
+        raise ValueError(f"Unknown concept class '{concept_class}'; use one of: {', '.join(CLASSES)}.")
+    return concept_class
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-blank stripped lines of a UTF-8 file; errors on a missing, empty or duplicated list."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file '{path}' does not exist.")
+    lines = [unicodedata.normalize("NFC", line.strip()) for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{what} file '{path}' is empty; put one entry per line.")
+    seen: set[str] = set()
+    dups = sorted({line for line in lines if line.casefold() in seen or seen.add(line.casefold())})
+    if dups:
+        raise ValueError(f"{what} file '{path}' has duplicated entries: {dups[:5]}; remove the repeats.")
+    return lines
+
+
+def load_concepts(concept_class: str, concepts_dir: Path = CONCEPTS_DIR) -> list[str]:
+    """The concept names of one class, in benchmark order."""
+    return read_lines(Path(concepts_dir) / f"{check_class(concept_class)}.txt", f"Concept list ({concept_class})")
+
+
+def all_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """Every concept of the benchmark: columns `concept_class`, `concept`, `index` (order within its class)."""
+    rows = [
+        {"concept_class": cls, "concept": c, "index": i}
+        for cls in CLASSES
+        for i, c in enumerate(load_concepts(cls, concepts_dir))
+    ]
+    return pd.DataFrame(rows)
+
+
+def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """A fixed, seeded, stratified sample: `n_per_class` concepts of each class (None = all).
+
+    Each class is shuffled by its own seeded permutation and the first n are kept, so a
+    smaller sample is always contained in a larger one with the same seed.
+    """
+    if n_per_class is not None and (not isinstance(n_per_class, int) or n_per_class < 1):
+        raise ValueError(f"n_per_class must be a positive integer or None (all), got {n_per_class!r}.")
+    frames = []
+    table = all_concepts(concepts_dir)
+    for k, cls in enumerate(CLASSES):
+        rows = table[table.concept_class == cls]
+        order = np.random.default_rng([seed, k]).permutation(len(rows))
+        frames.append(rows.iloc[order[:n_per_class]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_statements(path: Path = STATEMENTS_FILE, n: int | None = None) -> list[str]:
+    """The general training statements (the first `n`, or all)."""
+    statements = read_lines(path, "Statements")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"n_statements must be a positive integer or None (all), got {n!r}.")
+    return statements[:n]
+
+
+def load_questions(path: Path = QUESTIONS_FILE) -> dict[str, list[str]]:
+    """Five evaluation questions per class."""
+    questions = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    missing = [c for c in CLASSES if not questions or c not in questions]
+    if missing:
+        raise ValueError(f"Questions file '{path}' has no questions for: {', '.join(missing)}.")
+    return {c: list(questions[c]) for c in CLASSES}
+
+
+def concept_text(concept_class: str, concept: str) -> str:
+    """The concept as written in prompts (lower-cased for fears, moods and experts)."""
+    return concept.lower() if check_class(concept_class) in LOWERCASE_CLASSES else concept
+
+
+def prefix_text(concept_class: str, concept: str) -> str:
+    """The concept-activating prefix, e.g. 'Take on a cheerful mood.'."""
+    # str.replace, not str.format: braces or quotes inside a concept name stay literal.
+    return PREFIX_TEMPLATES[check_class(concept_class)].replace("{c}", concept_text(concept_class, concept))
+
+
+def user_text(statement: str, prefix: str | None = None) -> str:
+    """The user message of a training prompt, with or without the concept prefix."""
+    body = STATEMENT_TEMPLATE.replace("{s}", statement)
+    return f"{prefix} {body}" if prefix else body
+
+
+def render_prompt(tokenizer, user: str) -> str:
+    """`user` wrapped in the model's chat template, ending with the generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A rendered prompt and where its parts sit, in token positions."""
+
+    text: str
+    input_ids: list[int]
+    prefix_span: tuple[int, int] | None  # [start, end) of the prefix tokens; None when unprefixed
+    user_start: int  # first token that overlaps the user text
+    tail_start: int  # first token that starts after the user text
+
+    @property
+    def n_tail(self) -> int:
+        """How many tokens follow the user text (the chat template's tail)."""
+        return len(self.input_ids) - self.tail_start
+
+
+def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str | None = None) -> EncodedPrompt:
+    """Render and tokenize one prompt, locating the prefix span and the tail after the user text."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("Token bookkeeping needs a fast (Rust) tokenizer with offsets; load it with use_fast=True.")
+    text = render_prompt(tokenizer, user)
+    user_char = text.rfind(user)
+    if user_char < 0:
+        raise ValueError("The chat template altered the user text, so token positions cannot be located.")
+    user_char_end = user_char + len(user)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    tail_start = next((i for i, (s, _) in enumerate(offsets) if s >= user_char_end), len(offsets))
+    user_start = next((i for i, (s, e) in enumerate(offsets) if e > user_char and e > s), tail_start)
+    span = None
+    if prefix is not None:
+        p_start = text.find(prefix, user_char, user_char_end)
+        p_end = p_start + len(prefix)
+        inside = [i for i, (s, e) in enumerate(offsets) if p_start >= 0 and e > s and s < p_end and e > p_start]
+        if not inside:
+            raise ValueError(
+                f"Could not locate the prefix of concept '{concept or prefix}' in its prompt; "
+                "check that the chat template keeps the user text verbatim."
+            )
+        span = (inside[0], inside[-1] + 1)
+    ids = list(enc["input_ids"])
+    return EncodedPrompt(text=text, input_ids=ids, prefix_span=span, user_start=user_start, tail_start=tail_start)
+
+
+def paired_prompts(tokenizer, concept_class: str, concept: str, statements: list[str]):
+    """(prefixed, unprefixed) EncodedPrompts for one concept, one pair per statement."""
+    prefix = prefix_text(concept_class, concept)
+    prefixed = [encode_prompt(tokenizer, user_text(s, prefix), prefix, concept) for s in statements]
+    plain = [encode_prompt(tokenizer, user_text(s)) for s in statements]
+    return prefixed, plain
+
+
+def shared_tail(prompts: list[EncodedPrompt]) -> list[int]:
+    """Token ids of the tail every prompt ends with; raises if the prompts share none."""
+    if not prompts:
+        raise ValueError("No prompts given.")
+    n = min(p.n_tail for p in prompts)
+    while n > 0 and len({tuple(p.input_ids[-n:]) for p in prompts}) > 1:
+        n -= 1
+    if n == 0:
+        raise ValueError("The prompts share no tail tokens after the user text; is the chat template consistent?")
+    return prompts[0].input_ids[-n:]
+
+
+def tail_token_names(tokenizer, tail_ids: list[int]) -> list[str]:
+    """Readable names of tail positions, e.g. ['<|im_end|>', '\\\\n', ..., 'assistant', '\\\\n']."""
+    return [tokenizer.decode([t]).replace("\n", "\\n") for t in tail_ids]
+
+
+
+def prompt_token_table(tokenizer, prompt: EncodedPrompt, n_tail: int) -> pd.DataFrame:
+    """One row per token of a prompt: position, id, token text and its part (template/prefix/user/tail)."""
+    span = prompt.prefix_span or (-1, -1)
+    tail_from = len(prompt.input_ids) - n_tail
+    rows = []
+    for pos, tok in enumerate(prompt.input_ids):
+        part = ("tail" if pos >= tail_from else "prefix" if span[0] <= pos < span[1]
+                else "user" if prompt.user_start <= pos < prompt.tail_start else "template")
+        rows.append({"position": pos, "token_id": tok, "token": tokenizer.decode([tok]).replace("\n", "\\n"), "part": part})
+    return pd.DataFrame(rows)
+
+
+def prefix_lengths(tokenizer, concepts: pd.DataFrame, statement: str) -> pd.DataFrame:
+    """`concepts` with a `prefix_tokens` column: the prefix span length of each concept's prompt."""
+    spans = [
+        encode_prompt(tokenizer, user_text(statement, prefix_text(cls, c)), prefix_text(cls, c), c).prefix_span
+        for cls, c in zip(concepts.concept_class, concepts.concept)
+    ]
+    return concepts.assign(prefix_tokens=[end - start for start, end in spans])
+
+
+def statement_lengths(tokenizer, statements: list[str]) -> pd.DataFrame:
+    """One row per statement: its words and tokens (without the chat template)."""
+    tokens = tokenizer(statements, add_special_tokens=False)["input_ids"]
+    return pd.DataFrame({"statement": statements, "n_words": [len(s.split()) for s in statements],
+                         "n_tokens": [len(t) for t in tokens]})
+
+
+def data_summary(lengths: pd.DataFrame, sample: pd.DataFrame, statements: pd.DataFrame, n_used: int,
+                 tail: list[str]) -> pd.DataFrame:
+    """One row per class: benchmark and sample sizes, prefix and statement token lengths, the shared tail."""
+    summary = lengths.groupby("concept_class", sort=False).agg(
+        n_concepts=("concept", "size"), prefix_tokens_mean=("prefix_tokens", "mean"),
+        prefix_tokens_max=("prefix_tokens", "max"))
+    summary["n_sampled"] = sample.groupby("concept_class", sort=False).size()
+    summary["n_statements"] = len(statements)
+    summary["n_statements_used"] = n_used
+    summary["statement_tokens_mean"] = statements.n_tokens.mean()
+    summary["n_tail"] = len(tail)
+    summary["tail"] = " ".join(tail)
+    return summary.round(3).reset_index()

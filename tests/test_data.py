@@ -1,0 +1,102 @@
+"""The benchmark files, statements, questions, prefixes and the concept sample."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from steer_utils import data
+from steer_utils.paths import CONCEPTS_DIR
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "concepts"
+EXPECTED_COUNTS = {"fears": 101, "places": 104, "personas": 103, "experts": 102, "moods": 102}
+
+
+def test_concept_counts():
+    table = data.all_concepts()
+    assert table.groupby("concept_class").size().to_dict() == EXPECTED_COUNTS
+    assert len(table) == 512
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared reference not checked out beside the repo")
+@pytest.mark.parametrize("concept_class", data.CLASSES)
+def test_concepts_are_a_verbatim_copy(concept_class):
+    name = f"{concept_class}.txt"
+    assert (CONCEPTS_DIR / name).read_bytes() == (REFERENCE / name).read_bytes()
+
+
+def test_statements_are_many_unique_and_name_no_concept():
+    statements = data.load_statements()
+    assert len(statements) >= 400
+    assert len({s.casefold() for s in statements}) == len(statements)
+    assert all(s.endswith((".", "!", "?")) and 3 <= len(s.split()) <= 30 for s in statements)
+    table = data.all_concepts()
+    patterns = [re.compile(r"(?<!\w)" + re.escape(c) + r"(?!\w)", re.IGNORECASE) for c in table.concept]
+    offending = [(p.pattern, s) for s in statements for p in patterns if p.search(s)]
+    assert offending == []
+
+
+def test_questions_five_per_class_with_suffix():
+    questions = data.load_questions()
+    assert list(questions) == list(data.CLASSES)
+    for qs in questions.values():
+        assert len(qs) == 5 and len(set(qs)) == 5
+        assert all(q.endswith(" " + data.QUESTION_SUFFIX) for q in qs)
+
+
+def test_prefix_case_rules_and_templates():
+    assert data.prefix_text("fears", "Heights") == "Personify someone who is terrified of heights."
+    assert data.prefix_text("places", "Tokyo") == "Personify someone who loves Tokyo."
+    assert data.prefix_text("personas", "Ada Lovelace") == "Take on the role of Ada Lovelace."
+    assert data.prefix_text("experts", "Cryptographer") == "Take on the role of an expert cryptographer."
+    assert data.prefix_text("moods", "Cheerful") == "Take on a cheerful mood."
+
+
+@pytest.mark.parametrize("concept", ['{c} and {0}', 'O\'Brien "the" {s}', "Émilie du Châtelet", "x" * 250])
+def test_prefix_keeps_awkward_names_literal(concept):
+    prefix = data.prefix_text("personas", concept)
+    assert prefix == f"Take on the role of {concept}."
+    assert data.user_text("A claim.", prefix).startswith(prefix + " What are your thoughts")
+    assert data.user_text("{s} stays.", None).endswith("Statement: {s} stays.")
+
+
+def test_unknown_class_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown concept class 'colours'.*fears, places"):
+        data.load_concepts("colours")
+
+
+def test_sample_is_fixed_stratified_and_nested():
+    small = data.sample_concepts(3, seed=0)
+    assert small.groupby("concept_class").size().to_dict() == {c: 3 for c in data.CLASSES}
+    assert small.equals(data.sample_concepts(3, seed=0))
+    large = data.sample_concepts(20, seed=0)
+    assert set(zip(small.concept_class, small.concept)) <= set(zip(large.concept_class, large.concept))
+    assert not small.equals(data.sample_concepts(3, seed=1))
+    assert len(data.sample_concepts(None)) == 512
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "3"])
+def test_sample_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="n_per_class"):
+        data.sample_concepts(bad)
+
+
+def test_bad_list_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        data.load_statements(empty)
+    dup = tmp_path / "dup.txt"
+    dup.write_text("One claim.\nAnother claim.\none claim.\n")
+    with pytest.raises(ValueError, match="duplicated entries"):
+        data.load_statements(dup)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_statements(tmp_path / "missing.txt")
+
+
+def test_questions_file_missing_a_class(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("fears: ['Why? Answer in 20 words or less.']\n")
+    with pytest.raises(ValueError, match="no questions for: places"):
+        data.load_questions(path)

