@@ -19,7 +19,8 @@ def save_figure(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     for path in paths:
         # A fixed creation date keeps the PDF byte-identical across reruns.
         metadata = {"CreationDate": None} if path.suffix == ".pdf" else {"Software": None}
@@ -42,4 +43,82 @@ def plot_data_overview(lengths, sample, statements) -> plt.Figure:
     axes[2].set(xlabel="statement length (tokens)", ylabel="statements", title="Training statements")
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def plot_steerability(table, hue_order=None, ax=None, title: str = "") -> plt.Axes:
+    """Bars of steerability per class (and 'all') for each setting, with 95% bootstrap CIs."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    hue_order = list(dict.fromkeys(table.setting)) if hue_order is None else hue_order
+    classes = list(dict.fromkeys(table.concept_class))
+    width = 0.8 / len(hue_order)
+    palette = sns.color_palette("deep", len(hue_order))
+    for k, setting in enumerate(hue_order):
+        rows = table[table.setting == setting].set_index("concept_class").loc[classes]
+        x = [i - 0.4 + width * (k + 0.5) for i in range(len(classes))]
+        ax.bar(x, rows.steerability, width, color=palette[k], label=setting)
+        ax.errorbar(x, rows.steerability, yerr=[rows.steerability - rows.ci_low, rows.ci_high - rows.steerability],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set(ylim=(0, 1.05), xlabel="concept class", ylabel="steerability (share of concepts)", title=title)
+    ax.legend(fontsize=7, loc="upper left", frameon=True)
+    return ax
+
+
+def plot_selected_tokens(fits, tail: list[str], setting: str) -> plt.Figure:
+    """Heatmaps, one per class: share of concepts whose block (x) selected each tail position (y)."""
+    rows = fits[fits.setting == setting]
+    classes = list(dict.fromkeys(rows.concept_class))
+    n_blocks = int(rows.block.max()) + 1
+    fig, axes = plt.subplots(1, len(classes), figsize=(2.3 * len(classes) + 1, 2.6), sharey=True, squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        part = rows[rows.concept_class == cls]
+        share = (part.groupby(["selected", "block"]).size().unstack(fill_value=0)
+                 .reindex(index=range(len(tail)), columns=range(n_blocks), fill_value=0) / part.concept.nunique())
+        sns.heatmap(share, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[0][-1],
+                    cbar_kws={"label": "share of concepts"}, xticklabels=max(1, n_blocks // 6))
+        ax.set(title=cls, xlabel="block", ylabel="selected tail token" if ax is axes[0][0] else "")
+        ax.set_yticks([i + 0.5 for i in range(len(tail))], tail, rotation=0)
+    return fig
+
+
+def plot_pca_by_label(features, labels, is_prefixed, blocks: list[int], title: str = "") -> plt.Figure:
+    """PCA (2-D) of selected-token states at a few blocks; prefixed points coloured by soft label."""
+    import torch
+
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.1 * len(blocks) + 0.8, 3.0), squeeze=False, layout="constrained")
+    for ax, block in zip(axes[0], blocks):
+        X = features[:, block].double()
+        X = X - X.mean(0)
+        coords = (X @ torch.linalg.svd(X, full_matrices=False)[2][:2].T).numpy()
+        ax.scatter(coords[~is_prefixed, 0], coords[~is_prefixed, 1], s=8, c="lightgrey", label="unprefixed")
+        points = ax.scatter(coords[is_prefixed, 0], coords[is_prefixed, 1], s=10, c=labels[is_prefixed, block],
+                            cmap="viridis", vmin=0, vmax=1, label="prefixed")
+        ax.set(title=f"block {block}", xlabel="PC 1", ylabel="PC 2" if ax is axes[0][0] else "")
+    fig.colorbar(points, ax=axes[0].tolist(), label="soft label")
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_sweep(table, x: str, hue: str, xlabel: str, ax=None) -> plt.Axes:
+    """Steerability ('all' classes) against a swept quantity, one line per `hue`, with CI bands."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    for (name, rows), colour in zip(table.groupby(hue, sort=False), sns.color_palette("deep")):
+        rows = rows.sort_values(x)
+        ax.plot(rows[x], rows.steerability, marker="o", color=colour, label=name)
+        ax.fill_between(rows[x], rows.ci_low, rows.ci_high, color=colour, alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel="steerability (share of concepts)", ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_eps_sweep(table) -> plt.Figure:
+    """Judge score and coherence (means over concepts and questions) against the steering coefficient."""
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    long = table.melt(id_vars="coefficient", value_vars=["score", "coherence"], var_name="measure")
+    sns.lineplot(long, x="coefficient", y="value", hue="measure", marker="o", errorbar=("ci", 95), ax=ax)
+    ax.set(xscale="log", xlabel="eps (relative to block norm)", ylabel="mean over responses", ylim=(0, 1.05))
     return fig

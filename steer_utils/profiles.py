@@ -12,6 +12,9 @@ class Profile:
     n_concepts_per_class: int | None
     n_statements: int | None
     n_questions: int
+    max_new_tokens: int
+    sweep_concepts_per_class: int  # concepts per class in the sweeps of notebook 02
+    statement_counts: tuple[int, ...]  # training-set sizes of the statement-count sweep
 
     def as_dict(self) -> dict:
         """Plain dict, for tables."""
@@ -19,9 +22,12 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile("smoke", n_concepts_per_class=2, n_statements=16, n_questions=2),
-    "default": Profile("default", n_concepts_per_class=20, n_statements=128, n_questions=5),
-    "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5),
+    "smoke": Profile("smoke", n_concepts_per_class=1, n_statements=16, n_questions=5, max_new_tokens=24,
+                     sweep_concepts_per_class=1, statement_counts=(8, 16)),
+    "default": Profile("default", n_concepts_per_class=20, n_statements=64, n_questions=5, max_new_tokens=50,
+                       sweep_concepts_per_class=2, statement_counts=(16, 32, 64)),
+    "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5, max_new_tokens=50,
+                    sweep_concepts_per_class=10, statement_counts=(50, 100, 200, 400)),
 }
 
 
@@ -36,7 +42,7 @@ def resolve_profile(profile: str, **overrides: int | None) -> Profile:
         raise ValueError(f"Unknown profile '{profile}'; use one of: {', '.join(PROFILES)}.")
     unknown = set(overrides) - (set(Profile.__dataclass_fields__) - {"name"})
     if unknown:
-        raise ValueError(f"Unknown profile field(s) {sorted(unknown)}; use: n_concepts_per_class, n_statements, n_questions.")
+        raise ValueError(f"Unknown profile field(s) {sorted(unknown)}; use: {', '.join(sorted(Profile.__dataclass_fields__.keys() - {'name'}))}.")
     for key, value in overrides.items():
         _check_size(key, value)
     return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,195 @@
+"""One concept end to end: prompts -> activations -> token selection -> labels -> vectors -> steered generations.
+
+A *setting* names the three choices the paper ablates: token selection, labels and vector method
+(e.g. `attention-soft-rfm`). Activations are cached per prompt set (the unprefixed ones once per
+model and statement set); each concept's generations are cached too, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data, labels, selection, steering, vectors
+from .cache import cache_key
+from .extraction import Activations, extract_cached
+from .paths import CACHE_DIR, model_slug
+
+PIPELINE_VERSION = 1
+COEFFICIENTS = (0.015, 0.025, 0.035, 0.05)  # eps relative to each block's typical hidden-state norm
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Token selection × labels × vector method."""
+
+    selection: str
+    labels: str
+    method: str = "rfm"
+
+    @property
+    def name(self) -> str:
+        """e.g. 'attention-soft-rfm'."""
+        return f"{self.selection}-{self.labels}-{self.method}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Setting":
+        """Inverse of `name`; checks each part."""
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] not in selection.METHODS or parts[1] not in labels.METHODS \
+                or parts[2] not in vectors.METHODS:
+            raise ValueError(f"Bad setting '{name}'; write <{'|'.join(selection.METHODS)}>-<{'|'.join(labels.METHODS)}>-"
+                             f"<{'|'.join(vectors.METHODS)}>, e.g. attention-soft-rfm.")
+        return cls(*parts)
+
+
+@dataclass
+class ConceptActivations:
+    """Prefixed and unprefixed activations of one concept, and the shared tail."""
+
+    concept_class: str
+    concept: str
+    prefixed: Activations
+    unprefixed: Activations
+    tail: list[str]
+
+
+def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
+                        statements: list[str], batch_size: int = 16) -> ConceptActivations:
+    """Extract (cached) activations of the paired prompts of one concept."""
+    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
+    tail_ids = data.shared_tail(prefixed + plain)
+    n_tail, pad = len(tail_ids), tokenizer.pad_token_id
+    return ConceptActivations(
+        concept_class, concept,
+        extract_cached(model, model_key, prefixed, n_tail, pad, batch_size, desc=f"extract {concept}"),
+        extract_cached(model, model_key, plain, n_tail, pad, batch_size, desc="extract unprefixed"),
+        data.tail_token_names(tokenizer, tail_ids),
+    )
+
+
+def training_set(acts: ConceptActivations, setting: Setting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (2n, n_blocks, d), labels (2n, n_blocks), is_prefixed (2n,), selected tail index per block)."""
+    attn = acts.prefixed.attn_prefix_mean  # (n, n_blocks, n_tail)
+    chosen = selection.select_tokens(attn, setting.selection)
+    features = torch.cat([selection.gather_selected(acts.prefixed.hidden, chosen),
+                          selection.gather_selected(acts.unprefixed.hidden, chosen)])
+    y = labels.make_labels(setting.labels, selection.gather_selected(attn, chosen), len(acts.unprefixed.hidden))
+    is_prefixed = torch.arange(len(features)) < len(acts.prefixed.hidden)
+    return features, y, is_prefixed, chosen
+
+
+def fit_setting(acts: ConceptActivations, setting: Setting, model_name: str, seed: int = 0) -> tuple[vectors.ConceptVector, pd.DataFrame]:
+    """Concept vector of one setting, and a per-block table of the selected token and fit details."""
+    features, y, is_prefixed, chosen = training_set(acts, setting)
+    norms = vectors.block_norms(acts.unprefixed.hidden)
+    meta = {"model": model_name, "concept_class": acts.concept_class, "concept": acts.concept,
+            "token_selection": setting.selection, "labels": setting.labels, "setting": setting.name}
+    vector, details = vectors.fit_concept_vector(setting.method, features, y, is_prefixed, norms, meta, seed=seed)
+    table = pd.DataFrame(details).assign(
+        concept_class=acts.concept_class, concept=acts.concept, setting=setting.name,
+        selected=chosen.tolist(), selected_token=[acts.tail[i] for i in chosen.tolist()])
+    return vector, table
+
+
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
+                questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
+                max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fit every setting for one concept and generate its coefficient × question grid.
+
+    Each (concept, setting) is cached on its own, so notebooks that share a setting share its
+    generations; the settings not cached yet are generated together in one batched call.
+    Returns (generations: one row per setting × coefficient × question, fits: one row per setting × block).
+    """
+    if not len(coefficients):
+        raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
+    common = dict(model=model_name, dtype=str(next(model.parameters()).dtype), concept=[concept_class, concept],
+                  statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(), questions=list(questions),
+                  coefficients=list(coefficients), blocks=blocks, max_new_tokens=max_new_tokens, seed=seed)
+    folder = CACHE_DIR / "generations" / model_slug(model_name)
+    keys = {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
+    gen_path = {name: folder / f"{key}.csv" for name, key in keys.items()}
+    fit_path = {name: folder / f"{key}.fits.csv" for name, key in keys.items()}
+    missing = [s for s in settings if not gen_path[s.name].exists()]
+    if missing:
+        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size)
+        fitted = {s.name: fit_setting(acts, s, model_name, seed) for s in missing}
+        grid = steering.generate_grid(model, tokenizer, {k: v for k, (v, _) in fitted.items()}, questions,
+                                      coefficients, blocks, max_new_tokens)
+        grid.insert(0, "concept", concept)
+        grid.insert(0, "concept_class", concept_class)
+        for name, (_, fit) in fitted.items():
+            _write_csv_atomic(fit, fit_path[name])
+            _write_csv_atomic(grid[grid.setting == name], gen_path[name])  # last: its presence marks it done
+    grids = [pd.read_csv(gen_path[s.name], keep_default_na=False) for s in settings]
+    fits = [pd.read_csv(fit_path[s.name]) for s in settings]
+    return pd.concat(grids, ignore_index=True), pd.concat(fits, ignore_index=True)
+
+
+def run_concepts(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+                 questions: dict[str, list[str]], settings: list[Setting], **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`run_concept` for every row of a concept sample; concatenated generations and fits."""
+    grids, fits = [], []
+    for row in tqdm(list(sample.itertuples()), desc="concepts"):
+        grid, fit = run_concept(model, tokenizer, model_name, row.concept_class, row.concept, statements,
+                                questions[row.concept_class], settings, **kwargs)
+        grids.append(grid)
+        fits.append(fit)
+    return pd.concat(grids, ignore_index=True), pd.concat(fits, ignore_index=True)
+
+
+def judge_generations(judge, generations: pd.DataFrame) -> pd.DataFrame:
+    """Generations with the judge's parts and 0/1 `score` appended, scored class by class."""
+    parts = []
+    for concept_class, rows in generations.groupby("concept_class", sort=False):
+        table = judge.score_table(concept_class, rows.concept.tolist(), rows.question.tolist(), rows.response.tolist())
+        parts.append(table.drop(columns=[c for c in table.columns if c in rows.columns]).set_index(rows.index))
+    return generations.join(pd.concat(parts)).astype({"score": int})
+
+
+def example_generations(scored: pd.DataFrame, per_class: int = 1, question_id: int = 0) -> pd.DataFrame:
+    """Side-by-side responses to one question: per concept and setting, the first scoring coefficient's
+    response (or the smallest coefficient's when none scored), written as '[eps=c, score=s] text'."""
+    concepts = scored.drop_duplicates("concept").groupby("concept_class", sort=False).head(per_class).concept
+    rows = scored[scored.concept.isin(concepts) & (scored.question_id == question_id)]
+    rows = rows.sort_values(["score", "coefficient"], ascending=[False, True], kind="stable")
+    picked = rows.groupby(["concept_class", "concept", "setting"], sort=False).head(1)
+    text = [f"[eps={c:g}, score={s}] {r}" for c, s, r in zip(picked.coefficient, picked.score, picked.response)]
+    wide = picked.assign(example=text).pivot(index=["concept_class", "concept"], columns="setting", values="example")
+    return wide[list(dict.fromkeys(scored.setting))].reset_index()
+
+
+def judged_run(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+               questions: dict[str, list[str]], setting_names: list[str], grader, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`run_concepts` for named settings, then the judge: (scored generations, fits)."""
+    generations, fits = run_concepts(model, tokenizer, model_name, sample, statements, questions,
+                                     [Setting.parse(s) for s in setting_names], **kwargs)
+    return judge_generations(grader, generations), fits
+
+
+def statement_sweep(model, tokenizer, model_name: str, sample: pd.DataFrame, all_statements: list[str],
+                    counts: tuple[int, ...], questions: dict[str, list[str]], setting_names: list[str], grader,
+                    **kwargs) -> pd.DataFrame:
+    """Scored generations for each training-set size (the first n statements), with an `n_statements` column."""
+    runs = [judged_run(model, tokenizer, model_name, sample, all_statements[:n], questions, setting_names, grader,
+                       **kwargs)[0].assign(n_statements=n) for n in counts]
+    return pd.concat(runs, ignore_index=True)

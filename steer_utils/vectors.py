@@ -1,0 +1,237 @@
+"""Concept vectors per block: RFM (the paper's), ridge, logistic, difference of means, PCA of paired differences.
+
+Every method maps a block's features X (n, d) at the selected token and labels y (n,) to one unit
+vector v (d,), with its sign set *per block* so that prefixed examples project higher than unprefixed
+ones at that block (the authors' code sets every block's sign from the last block; not copied here).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .cache import save_tensors
+
+METHODS = ("rfm", "linear", "logistic", "mean_difference", "pca")
+RFM_BANDWIDTHS = (1.0, 10.0, 100.0)
+
+
+# --- RFM -------------------------------------------------------------------------------------------
+# M stays in factored form M = F^T F with F (n, d): every M of the iteration is an average of n
+# gradient outer products, so distances, gradients and the top eigenvector cost O(n^2 d), not O(n d^2),
+# and many (block, bandwidth, normalisation) fits run as one batch.
+def _agop_factor(X: torch.Tensor, y: torch.Tensor, bandwidth: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
+    """Batched RFM: X (B, n, d) centred, y (B, n), bandwidth (B,) -> F (B, n, d) with M = F^T F (max entry 1)."""
+    B, n, _ = X.shape
+    L = bandwidth.to(X.dtype)[:, None, None]
+    eye = torch.eye(n, dtype=X.dtype)
+    F = None  # M = I before the first update
+    for _ in range(iters):
+        P = X if F is None else X @ F.transpose(1, 2)  # ||x_i - x_j||_M = ||P_i - P_j||
+        sq = (P * P).sum(-1)
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * P @ P.transpose(1, 2)).clamp(min=0).sqrt()  # (B, n, n)
+        K = torch.exp(-dist / L)
+        alpha = torch.linalg.solve(K + reg * eye, y[..., None])[..., 0]  # (B, n)
+        # grad_x exp(-||x-z||_M / L) = -K / (L ||x-z||_M) M (x - z); undefined at x = z, set to 0 there.
+        W = torch.where(dist > 0, K / dist.clamp(min=1e-12), torch.zeros_like(K)) / L * alpha[:, None, :]
+        AX = W.sum(-1, keepdim=True) * X - W @ X  # (B, n, d): sum_j W_ij (x_i - x_j)
+        G = -(AX if F is None else (AX @ F.transpose(1, 2)) @ F)  # (B, n, d): gradients, times M
+        G = G - G.mean(1, keepdim=True)  # centred over samples
+        max_diag = (G * G).sum(1).amax(-1) / n  # max of M = G^T G / n sits on its (PSD) diagonal
+        F = G / (n * max_diag).clamp(min=torch.finfo(X.dtype).tiny).sqrt()[:, None, None]
+    return F
+
+
+def rfm_agop(X: torch.Tensor, y: torch.Tensor, bandwidth: float, reg: float = 1e-3, iters: int = 10) -> torch.Tensor:
+    """The d×d AGOP matrix of a Laplace-kernel RFM after `iters` updates.
+
+    X (n, d) is centred by its column means (no row normalisation here); M starts at the identity.
+    Each update: K = exp(-||x - z||_M / L); alpha = (K + reg I)^-1 y; the gradient of
+    f(x) = sum_j alpha_j K(x, z_j) at each training point; M = mean outer product of the
+    gradients centred over samples, scaled by its maximum.
+    """
+    X = X.double() - X.double().mean(0)
+    if iters == 0:
+        return torch.eye(X.shape[1], dtype=torch.float64)
+    F = _agop_factor(X[None], y.double().reshape(1, -1), torch.tensor([float(bandwidth)]), reg, iters)[0]
+    return F.T @ F
+
+
+def _top_directions(F: torch.Tensor) -> torch.Tensor:
+    """Top eigenvector of M = F^T F for each batch item, via the small (n, n) Gram matrix: (B, d)."""
+    # float64: batched float32 eigh is ~100x slower than float64 on CPU in torch 2.13 (measured).
+    u = torch.linalg.eigh((F @ F.transpose(1, 2)).double())[1][..., -1].to(F.dtype)  # (B, n)
+    v = (F.transpose(1, 2) @ u[..., None])[..., 0]
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation along the last axis (0 where either side is constant)."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(denom > 0, (a * b).sum(-1) / denom.clamp(min=1e-12), torch.zeros_like(denom))
+
+
+def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train/held-out split of n examples (held-out: val_fraction of them, at most max_val)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, min(max_val, int(round(val_fraction * n))))
+    return order[n_val:], order[:n_val]
+
+
+def fit_rfm(X: torch.Tensor, y: torch.Tensor, bandwidths=RFM_BANDWIDTHS, reg: float = 1e-3, iters: int = 10,
+            seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """RFM vectors of all blocks at once: X (n, n_blocks, d), y (n, n_blocks) -> (n_blocks, d), details per block.
+
+    Grid: bandwidth × row normalisation (unit-norm rows, or the block's states divided by their
+    mean norm). A setting's score is |corr(held-out projections, held-out labels)|; the best wins per block.
+    """
+    n, n_blocks, d = X.shape
+    train, val = split_indices(n, seed=seed)
+    X = X.float().transpose(0, 1)  # (n_blocks, n, d)
+    y = y.float().T  # (n_blocks, n)
+    best_score = torch.full((n_blocks,), -1.0)
+    best_v = torch.zeros(n_blocks, d)
+    best_setting = [None] * n_blocks
+    for row_normalise in (True, False):
+        Xp = torch.nn.functional.normalize(X, dim=-1) if row_normalise else X / X.norm(dim=-1).mean(-1)[:, None, None]
+        centre = Xp[:, train].mean(1, keepdim=True)
+        Xc = Xp[:, train] - centre  # (n_blocks, n_train, d)
+        # The RFM is rotation-equivariant and X's rows span at most n_train dimensions, so it runs
+        # exactly in the coordinates of that row space (n_train instead of d columns): 2-3x faster.
+        # float64 QR: batched float32 QR/SVD/eigh hit slow paths on CPU in torch 2.13 (measured).
+        basis = torch.linalg.qr(Xc.transpose(1, 2).double())[0].transpose(1, 2).float()  # (n_blocks, n_train, d)
+        k = len(bandwidths)
+        Xb = (Xc @ basis.transpose(1, 2)).repeat_interleave(k, 0)  # (n_blocks k, n_train, r)
+        yb = y[:, train].repeat_interleave(k, 0)
+        L = torch.tensor(bandwidths, dtype=torch.float32).repeat(n_blocks)
+        v_small = _top_directions(_agop_factor(Xb, yb, L, reg, iters)).view(n_blocks, k, -1)
+        v = v_small @ basis  # back to (n_blocks, k, d)
+        proj = torch.einsum("bnd,bkd->bkn", Xp[:, val] - centre, v)  # (n_blocks, k, n_val)
+        score = _correlations(proj, y[:, val][:, None, :]).abs()  # (n_blocks, k)
+        top, which = score.max(-1)
+        for block in torch.nonzero(top > best_score).flatten().tolist():
+            best_score[block] = top[block]
+            best_v[block] = v[block, which[block]]
+            best_setting[block] = {"bandwidth": bandwidths[which[block]], "row_normalise": row_normalise,
+                                   "val_corr": round(top[block].item(), 6)}
+    return best_v, best_setting
+
+
+# --- Baselines -------------------------------------------------------------------------------------
+def fit_linear(X: torch.Tensor, y: torch.Tensor, reg: float = 1e-3) -> torch.Tensor:
+    """Ridge regression weights on unit-norm, centred features."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    Xc, yc = Xn - Xn.mean(0), y.double() - y.double().mean()
+    return torch.linalg.solve(Xc.T @ Xc + reg * len(X) * torch.eye(X.shape[1], dtype=torch.float64), Xc.T @ yc).float()
+
+
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, reg: float = 1e-3, steps: int = 100) -> torch.Tensor:
+    """L2-regularised logistic regression weights (soft targets allowed) on unit-norm features, by L-BFGS."""
+    Xn = torch.nn.functional.normalize(X.double(), dim=1)
+    Xc = Xn - Xn.mean(0)
+    w = torch.zeros(X.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        optimiser.zero_grad()
+        logits = Xc @ w[:-1] + w[-1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.double()) + reg * w[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(loss_fn)
+    return w.detach()[:-1].float()
+
+
+def fit_mean_difference(X: torch.Tensor, is_prefixed: torch.Tensor) -> torch.Tensor:
+    """Mean of prefixed minus mean of unprefixed examples (CAA-style)."""
+    return X[is_prefixed].mean(0) - X[~is_prefixed].mean(0)
+
+
+def fit_pca(X: torch.Tensor, is_prefixed: torch.Tensor) -> torch.Tensor:
+    """First principal direction of the paired differences (prefixed_i - unprefixed_i, same statement).
+
+    Not centred: the concept's shift is the shared mean of the differences, which centring would remove.
+    """
+    diffs = (X[is_prefixed] - X[~is_prefixed]).double()
+    return torch.linalg.svd(diffs, full_matrices=False)[2][0].float()
+
+
+def orient(v: torch.Tensor, X: torch.Tensor, is_prefixed: torch.Tensor) -> torch.Tensor:
+    """Unit vector with the sign that makes prefixed examples project higher than unprefixed ones."""
+    v = v / v.norm().clamp(min=1e-12)
+    gap = (X[is_prefixed] @ v).mean() - (X[~is_prefixed] @ v).mean()
+    return -v if gap < 0 else v
+
+
+def fit_vector(method: str, X: torch.Tensor, y: torch.Tensor, is_prefixed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One block's oriented unit concept vector by a baseline `method` (RFM fits all blocks at once)."""
+    X = X.float()
+    if method == "linear":
+        v, details = fit_linear(X, y), {}
+    elif method == "logistic":
+        v, details = fit_logistic(X, y), {}
+    elif method == "mean_difference":
+        v, details = fit_mean_difference(X, is_prefixed), {}
+    elif method == "pca":
+        v, details = fit_pca(X, is_prefixed), {}
+    else:
+        raise ValueError(f"Unknown vector method '{method}'; use one of: {', '.join(METHODS)}.")
+    return orient(v, X, is_prefixed), details
+
+
+# --- Concept vectors -------------------------------------------------------------------------------
+@dataclass
+class ConceptVector:
+    """Unit directions keyed by block, the blocks' mean hidden-state norms, and what produced them."""
+
+    directions: dict[int, torch.Tensor]  # block -> (d,) unit vector
+    norms: dict[int, float]  # block -> mean norm of that block's hidden states (eps is relative to it)
+    metadata: dict[str, str] = field(default_factory=dict)  # model, concept, method, token selection, labels
+
+    def save(self, path: Path) -> None:
+        """Write as safetensors (one tensor per block) with the metadata and norms in the header."""
+        tensors = {f"block.{b}": v.float() for b, v in self.directions.items()}
+        save_tensors(path, tensors, metadata={**self.metadata, "norms": json.dumps(self.norms)})
+
+    @classmethod
+    def load(cls, path: Path) -> "ConceptVector":
+        """Read a vector written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata())
+        norms = {int(k): v for k, v in json.loads(metadata.pop("norms")).items()}
+        directions = {int(k.split(".")[1]): v for k, v in load_file(path).items()}
+        return cls(dict(sorted(directions.items())), norms, metadata)
+
+
+def block_norms(hidden: torch.Tensor) -> torch.Tensor:
+    """Typical hidden-state norm per block: the median over prompts and tail positions, (n_blocks,).
+
+    hidden: (n, n_blocks, n_tail, d). The median resists the few tokens with outsized norms.
+    """
+    return hidden.norm(dim=-1).transpose(0, 1).reshape(hidden.shape[1], -1).median(dim=1).values
+
+
+def fit_concept_vector(method: str, features: torch.Tensor, labels: torch.Tensor, is_prefixed: torch.Tensor,
+                       norms: torch.Tensor, metadata: dict[str, str] | None = None, seed: int = 0,
+                       progress: bool = False) -> tuple[ConceptVector, list[dict]]:
+    """Fit one vector per block. features: (n, n_blocks, d) at each block's selected token; labels: (n, n_blocks)."""
+    if method == "rfm":
+        raw, settings = fit_rfm(features, labels, seed=seed)
+        directions = {b: orient(raw[b], features[:, b].float(), is_prefixed) for b in range(features.shape[1])}
+        details = [{"block": b, **settings[b]} for b in directions]
+    else:
+        directions, details = {}, []
+        for block in tqdm(range(features.shape[1]), desc=f"fit {method}", leave=False, disable=not progress):
+            directions[block], info = fit_vector(method, features[:, block], labels[:, block], is_prefixed)
+            details.append({"block": block, **info})
+    norm_map = {b: float(norms[b]) for b in directions}
+    return ConceptVector(directions, norm_map, dict(metadata or {}, method=method)), details

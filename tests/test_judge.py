@@ -1,0 +1,145 @@
+"""The response judge: API, errors, and agreement with the hand-labelled cases in tests/data/judge_cases.jsonl."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steer_utils import data
+from steer_utils.judge import NON_ANSWER, agreement, load_judge
+
+CASES = Path(__file__).resolve().parent / "data" / "judge_cases.jsonl"
+KINDS = {"positive", "paraphrase", "other-concept", "antonym", "generic", "repetition", "gibberish", "non-answer"}
+# Measured on all 135 cases: accuracy 0.919, kappa 0.836 (dev 0.944 / 0.887, test 0.891 / 0.778).
+# The floors leave room for ~5 flipped cases (float noise across platforms) and fail on real regressions.
+MIN_ACCURACY, MIN_KAPPA = 0.88, 0.76
+
+
+@pytest.fixture(scope="module")
+def judge():
+    """The default offline judge (loads the bundled all-MiniLM-L6-v2 once per module)."""
+    return load_judge("embedding")
+
+
+@pytest.fixture(scope="module")
+def cases() -> pd.DataFrame:
+    """The hand-labelled cases, one row each."""
+    return pd.DataFrame([json.loads(line) for line in CASES.read_text(encoding="utf-8").splitlines() if line.strip()])
+
+
+@pytest.fixture(scope="module")
+def judged(judge, cases) -> pd.DataFrame:
+    """`cases` with the judge's table columns, scored one class at a time."""
+    parts = []
+    for cls, group in cases.groupby("concept_class", sort=False):
+        table = judge.score_table(cls, group.concept.tolist(), group.question.tolist(), group.response.tolist())
+        parts.append(table.drop(columns=["concept", "response"]).set_index(group.index))
+    return cases.join(pd.concat(parts))
+
+
+def test_cases_file_is_well_formed(cases):
+    assert len(cases) >= 100
+    assert set(cases.columns) >= {"concept_class", "concept", "question", "response", "label", "kind", "split"}
+    assert cases.groupby("concept_class").size().min() >= 20 and set(cases.concept_class) == set(data.CLASSES)
+    assert 0.4 <= cases.label.mean() <= 0.7 and set(cases.label) == {0, 1}
+    assert set(cases.kind) == KINDS and set(cases.split) == {"dev", "test"}
+    assert not cases.duplicated(["concept", "response"]).any()
+    questions = data.load_questions()
+    for row in cases.itertuples():
+        assert row.concept in data.load_concepts(row.concept_class), row.concept
+        assert row.question in questions[row.concept_class], row.question
+        assert len(row.response.split()) <= 40
+        assert row.label == (row.kind in {"positive", "paraphrase"})
+    for split, part in cases.groupby("split"):  # both halves cover every class and every kind
+        assert set(part.concept_class) == set(data.CLASSES) and set(part.kind) == KINDS, split
+
+
+@pytest.mark.integration
+def test_score_api(judge):
+    concepts = ["Heights", "Spiders", "Heights"]
+    questions = [data.load_questions()["fears"][0]] * 3
+    responses = ["Standing at the edge of a cliff, staring at the long drop below.",
+                 "As an AI, I don't have fears.",
+                 "heights heights heights heights heights heights heights heights"]
+    threads = torch.get_num_threads()
+    scores = judge.score("fears", concepts, questions, responses)
+    assert torch.get_num_threads() == threads  # the judge restores torch's thread setting
+    assert scores.shape == (3,) and np.issubdtype(scores.dtype, np.integer) and set(scores) <= {0, 1}
+    table = judge.score_table("fears", concepts, questions, responses)
+    assert {"relevance", "concept_rank", "coherence", "answers_question", "reason", "score"} <= set(table.columns)
+    np.testing.assert_array_equal(scores, table["score"].to_numpy())
+    np.testing.assert_array_equal(scores, judge.score("fears", concepts, questions, responses))  # deterministic
+    pd.testing.assert_frame_equal(table, judge.score_table("fears", concepts, questions, responses))
+    assert table.reason.tolist() == ["ok", "non-answer", "repetitive"] and scores.tolist() == [1, 0, 0]
+    assert table.concept_rank.between(1, len(data.load_concepts("fears"))).all()
+    assert judge.score("moods", [], [], []).shape == (0,)
+    empty = judge.score_table("moods", ["Cheerful"], [data.load_questions()["moods"][0]], [""])
+    assert empty.reason.tolist() == ["empty"] and empty.score.tolist() == [0]
+
+
+@pytest.mark.integration
+def test_score_errors(judge):
+    question = data.load_questions()["places"][0]
+    with pytest.raises(ValueError, match="Unknown concept class"):
+        judge.score("cities", ["Paris"], [question], ["Paris!"])
+    with pytest.raises(ValueError, match="same length"):
+        judge.score("places", ["Paris", "Rome"], [question], ["Paris!"])
+    with pytest.raises(ValueError, match="not in the 'places' list"):
+        judge.score("places", ["Atlantis"], [question], ["Atlantis!"])
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("As an AI, I don't have fears or emotions.", True),
+    ("I\u2019m sorry, but I cannot answer that question.", True),
+    ("I don't have feelings, so I cannot describe my state of mind.", True),
+    ("I can't help but love Paris in the spring.", False),
+    ("I can't stop smiling today!", False),
+    ("I study how large language models learn grammar.", False),
+    ("I'm afraid of heights.", False),
+])
+def test_non_answer_patterns(text, refusal):
+    assert bool(NON_ANSWER.search(text.replace("\u2019", "'"))) is refusal
+
+
+def test_unknown_judge_name():
+    with pytest.raises(ValueError, match="embedding, openai"):
+        load_judge("nope")
+
+
+def test_openai_judge_needs_a_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        load_judge("openai")
+
+
+def test_openai_judge_needs_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` now raises ImportError
+    with pytest.raises(ImportError, match="pip install openai"):
+        load_judge("openai", api_key="sk-test")
+
+
+def test_agreement_helper():
+    assert agreement([1, 0, 1, 0], [1, 0, 1, 0]) == {"n": 4, "accuracy": 1.0, "kappa": 1.0}
+    result = agreement([1, 1, 0, 0], [1, 0, 0, 0])  # observed 0.75, chance 0.5 -> kappa 0.5
+    assert result["accuracy"] == 0.75 and result["kappa"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same length"):
+        agreement([1, 0], [1])
+
+
+@pytest.mark.integration
+def test_agreement_with_hand_labels(judged):
+    overall = agreement(judged.label, judged.score)
+    assert overall["accuracy"] >= MIN_ACCURACY and overall["kappa"] >= MIN_KAPPA, overall
+    for split, part in judged.groupby("split"):
+        assert agreement(part.label, part.score)["accuracy"] >= 0.85, split
+    # The text checks are exact: every degenerate or refusing response fails, with the matching reason.
+    degenerate = judged[judged.kind.isin(["repetition", "gibberish", "non-answer"])]
+    assert (degenerate.score == 0).all()
+    assert (judged[judged.kind == "non-answer"].reason == "non-answer").all()
+    assert (judged[judged.kind == "repetition"].reason == "repetitive").all()
+    assert (judged[judged.kind.isin(["positive", "paraphrase"])].coherence >= 0.7).all()

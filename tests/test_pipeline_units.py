@@ -1,0 +1,206 @@
+"""Extraction, token selection, labels, vectors and steering on tiny random models (exact identities)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steer_utils import cache, data, labels, models, selection, steering, vectors
+from steer_utils.extraction import extract, find_blocks
+
+STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
+              "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer, info = models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    return model, tokenizer, info
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, tokenizer, _ = tiny
+    prefixed, plain = data.paired_prompts(tokenizer, "moods", "Cheerful", STATEMENTS)
+    return prefixed, plain, len(data.shared_tail(prefixed + plain))
+
+
+def test_extraction_is_padding_invariant(tiny, prompts):
+    model, tokenizer, info = tiny
+    prefixed, plain, n_tail = prompts
+    mixed = [prefixed[0], plain[1], prefixed[2]]  # different lengths -> left padding
+    batch = extract(model, mixed, n_tail, tokenizer.pad_token_id, batch_size=3)
+    for i, prompt in enumerate(mixed):
+        alone = extract(model, [prompt], n_tail, tokenizer.pad_token_id)
+        torch.testing.assert_close(batch.hidden[i], alone.hidden[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.attn_prefix[i], alone.attn_prefix[0], atol=1e-6, rtol=1e-5)
+    assert batch.hidden.shape == (3, info.n_blocks, n_tail, info.hidden_size)
+    assert batch.attn_prefix.shape == (3, info.n_blocks, info.n_heads, n_tail)
+    assert batch.attn_prefix[1].abs().sum() == 0  # unprefixed prompt: no prefix span
+
+
+@torch.inference_mode()
+def test_extraction_matches_a_simple_reference_pass(tiny, prompts):
+    model, tokenizer, info = tiny
+    prefixed, _, n_tail = prompts
+    ours = extract(model, prefixed[:1], n_tail, tokenizer.pad_token_id)
+    ids = torch.tensor([prefixed[0].input_ids])
+    out = model(ids, output_hidden_states=True, output_attentions=True)
+    start, end = prefixed[0].prefix_span
+    for block in range(info.n_blocks - 1):  # the last entry of hidden_states is after the final norm
+        torch.testing.assert_close(ours.hidden[0, block], out.hidden_states[block + 1][0, -n_tail:], atol=1e-5, rtol=1e-5)
+    for block in range(info.n_blocks):
+        expected = out.attentions[block][0, :, -n_tail:, start:end].sum(-1)  # (heads, n_tail)
+        torch.testing.assert_close(ours.attn_prefix[0, block], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_token_selection_on_planted_attention():
+    attn = torch.zeros(3, 2, 4)
+    attn[1, 0, 2] = 0.9  # block 0: position 2 wins on one prompt
+    attn[:, 1, 0] = 0.3
+    attn[0, 1, 3] = 0.35  # block 1: position 3 wins by the maximum over prompts
+    assert selection.select_tokens(attn, "attention").tolist() == [2, 3]
+    assert selection.select_tokens(attn, "fixed").tolist() == [3, 3]
+    assert selection.select_tokens(attn, "fixed", fixed_position=0).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="Unknown token selection"):
+        selection.select_tokens(attn, "random")
+    values = torch.arange(3 * 2 * 4).float().view(3, 2, 4)
+    assert selection.gather_selected(values, torch.tensor([2, 3])).tolist() == [[2, 7], [10, 15], [18, 23]]
+
+
+def test_labels_hard_soft_and_constant():
+    attn = torch.tensor([[0.2, 0.5], [0.4, 0.5]])
+    hard = labels.make_labels("hard", attn, 2)
+    assert hard[:, 0].tolist() == [1, 1, 0, 0]
+    soft = labels.make_labels("soft", attn, 2)
+    assert soft[:, 0].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.0])
+    constant = labels.minmax_scale(torch.full((4, 2), 0.3))
+    assert not constant.isnan().any() and constant.abs().sum() == 0
+    with pytest.raises(ValueError, match="Unknown labels"):
+        labels.make_labels("fuzzy", attn, 2)
+
+
+def _naive_agop(X, y, L, reg=1e-3, iters=10):
+    X = X.double() - X.double().mean(0)
+    M = torch.eye(X.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        diff = X[:, None, :] - X[None, :, :]
+        dist = torch.einsum("ijd,de,ije->ij", diff, M, diff).clamp(min=0).sqrt()
+        K = torch.exp(-dist / L)
+        alpha = torch.linalg.solve(K + reg * torch.eye(len(X), dtype=torch.float64), y.double())
+        coef = torch.where(dist > 0, K / dist, torch.zeros_like(K)) / L * alpha[None, :]
+        G = -torch.einsum("ij,ijd->id", coef, diff) @ M
+        G = G - G.mean(0)
+        M = G.T @ G / len(G)
+        M = M / M.max()
+    return M
+
+
+@pytest.mark.parametrize("bandwidth", [1.0, 10.0, 100.0])
+def test_rfm_agop_matches_the_textbook_update(bandwidth):
+    torch.manual_seed(0)
+    X, y = torch.randn(30, 8), torch.rand(30)
+    M = vectors.rfm_agop(X, y, bandwidth, iters=5)
+    assert M.shape == (8, 8) and M.max().item() == pytest.approx(1.0)
+    torch.testing.assert_close(M, _naive_agop(X, y, bandwidth, iters=5), atol=1e-6, rtol=1e-5)
+    assert torch.equal(vectors.rfm_agop(X, y, bandwidth, iters=0), torch.eye(8, dtype=torch.float64))
+
+
+def test_rfm_recovers_a_planted_direction_with_per_block_signs():
+    torch.manual_seed(0)
+    n, d = 160, 24
+    X = torch.randn(n, 2, d)
+    is_prefixed = torch.arange(n) < n // 2
+    X[is_prefixed, 0, 3] += 4.0  # block 0: prefixed examples are high along +e3
+    X[is_prefixed, 1, 7] -= 4.0  # block 1: prefixed examples are low along e7
+    y = is_prefixed.float()[:, None].expand(n, 2)
+    vec, details = vectors.fit_concept_vector("rfm", X, y, is_prefixed, torch.ones(2))
+    assert vec.directions[0][3] > 0.9 and vec.directions[1][7] < -0.9
+    assert all(d["bandwidth"] in vectors.RFM_BANDWIDTHS for d in details)
+    for method in ["linear", "logistic", "mean_difference", "pca"]:
+        base, _ = vectors.fit_concept_vector(method, X, y, is_prefixed, torch.ones(2))
+        assert base.directions[0][3] > 0.8 and base.directions[1][7] < -0.8, method
+
+
+def test_concept_vector_round_trip(tmp_path):
+    vec = vectors.ConceptVector({1: torch.tensor([0.6, 0.8]), 2: torch.tensor([1.0, 0.0])}, {1: 3.5, 2: 4.0},
+                                {"model": "m", "concept": "Cheerful", "method": "rfm"})
+    vec.save(tmp_path / "v.safetensors")
+    back = vectors.ConceptVector.load(tmp_path / "v.safetensors")
+    assert back.norms == vec.norms and back.metadata == vec.metadata
+    assert all(torch.equal(back.directions[b], vec.directions[b]) for b in vec.directions)
+
+
+def _hook_ids(model):
+    """Ids of every forward hook on the blocks (transformers may keep its own output-recording hooks)."""
+    return [sorted(b._forward_hooks) for b in find_blocks(model)]
+
+
+def _capture(model, block):
+    seen = {}
+    handle = find_blocks(model)[block].register_forward_hook(lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone()))
+    return seen, handle
+
+
+@torch.inference_mode()
+def test_steering_adds_exactly_and_restores_the_model(tiny):
+    model, tokenizer, info = tiny
+    ids = torch.tensor([tokenizer("A small test sentence.")["input_ids"]])
+    base_logits = model(ids).logits
+    hooks_before = _hook_ids(model)
+    v = torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0)
+    vec = vectors.ConceptVector({0: v, 1: v}, {0: 2.0, 1: 3.0})
+    with steering.steer(model, steering.steering_additions([vec], [0.0], [0, 1])):
+        torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)  # eps 0 = unsteered
+    seen, handle = _capture(model, 1)
+    model(ids)
+    original = seen["h"]
+    handle.remove()
+    additions = steering.steering_additions([vec], [0.5], [1])
+    with steering.steer(model, additions):
+        seen, handle = _capture(model, 1)
+        model(ids)
+        handle.remove()
+    torch.testing.assert_close(seen["h"], original + 0.5 * 3.0 * v, atol=1e-6, rtol=0)
+    assert _hook_ids(model) == hooks_before
+    torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)
+
+
+def test_hooks_are_removed_on_exceptions(tiny):
+    model, _, info = tiny
+    hooks_before = _hook_ids(model)
+    vec = vectors.ConceptVector({1: torch.ones(info.hidden_size)}, {1: 1.0})
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering.steer(model, steering.steering_additions([vec], [1.0], [1])):
+            raise RuntimeError("boom")
+    assert _hook_ids(model) == hooks_before
+    with pytest.raises(ValueError, match="Block 7 does not exist"):
+        with steering.steer(model, {7: torch.ones(info.hidden_size)}):
+            pass
+    assert _hook_ids(model) == hooks_before
+    with pytest.raises(ValueError, match="coefficient grid is empty"):
+        steering.steering_additions([], [], [1])
+
+
+def test_batched_generation_matches_single_rows(tiny):
+    model, tokenizer, info = tiny
+    vec = vectors.ConceptVector({b: torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0)
+                                 for b in range(info.n_blocks)}, {b: 5.0 for b in range(info.n_blocks)})
+    grid = steering.generate_grid(model, tokenizer, {"s": vec}, ["Hi there.", "Tell me more."], [0.0, 2.0],
+                                  [0, 1], max_new_tokens=5)
+    assert list(grid.coefficient) == [0.0, 0.0, 2.0, 2.0] and list(grid.question_id) == [0, 1, 0, 1]
+    plain = steering.generate(model, tokenizer, ["Hi there.", "Tell me more."], max_new_tokens=5)
+    assert list(grid.response[:2]) == plain
+    alone = steering.generate(model, tokenizer, ["Tell me more."], steering.steering_additions([vec], [2.0], [0, 1]),
+                              max_new_tokens=5)
+    assert grid.response[3] == alone[0]
+
+
+def test_cache_computes_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    calls = []
+    compute = lambda: calls.append(1) or {"x": torch.arange(3)}  # noqa: E731
+    key = cache.cache_key("stage", 1, a=1)
+    first, second = cache.cached_tensors("stage", key, compute), cache.cached_tensors("stage", key, compute)
+    assert len(calls) == 1 and torch.equal(first["x"], second["x"])
+    assert cache.cache_key("stage", 2, a=1) != key and cache.cache_key("stage", 1, a=2) != key
+    assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
