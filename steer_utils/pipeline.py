@@ -7,17 +7,14 @@ model and statement set); each concept's generations are cached too, so an inter
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from . import data, labels, selection, steering, vectors
-from .cache import cache_key
+from .cache import atomic_write, cache_key
 from .extraction import Activations, extract_cached
 from .paths import CACHE_DIR, model_slug
 
@@ -98,25 +95,14 @@ def fit_setting(acts: ConceptActivations, setting: Setting, model_name: str, see
     return vector, table
 
 
-def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                 questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
                 max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit every setting for one concept and generate its coefficient × question grid.
 
-    Each (concept, setting) is cached on its own, so notebooks that share a setting share its
-    generations; the settings not cached yet are generated together in one batched call.
+    Each (concept, setting) is cached on its own (generations, fit table and the concept vector as
+    safetensors with its metadata), so notebooks that share a setting share its generations; the
+    settings not cached yet are generated together in one batched call.
     Returns (generations: one row per setting × coefficient × question, fits: one row per setting × block).
     """
     if not len(coefficients):
@@ -137,9 +123,11 @@ def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: 
                                       coefficients, blocks, max_new_tokens)
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
-        for name, (_, fit) in fitted.items():
-            _write_csv_atomic(fit, fit_path[name])
-            _write_csv_atomic(grid[grid.setting == name], gen_path[name])  # last: its presence marks it done
+        for name, (vector, fit) in fitted.items():
+            vector.save(folder / f"{keys[name]}.vector.safetensors")
+            atomic_write(fit_path[name], lambda tmp: fit.to_csv(tmp, index=False))
+            rows = grid[grid.setting == name]
+            atomic_write(gen_path[name], lambda tmp: rows.to_csv(tmp, index=False))  # last: marks it done
     grids = [pd.read_csv(gen_path[s.name], keep_default_na=False) for s in settings]
     fits = [pd.read_csv(fit_path[s.name]) for s in settings]
     return pd.concat(grids, ignore_index=True), pd.concat(fits, ignore_index=True)
