@@ -170,29 +170,29 @@ def orient(v: torch.Tensor, X: torch.Tensor, is_prefixed: torch.Tensor) -> torch
     return -v if gap < 0 else v
 
 
-def fit_vector(method: str, X: torch.Tensor, y: torch.Tensor, is_prefixed: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def fit_vector(method: str, X: torch.Tensor, y: torch.Tensor, is_prefixed: torch.Tensor) -> torch.Tensor:
     """One block's oriented unit concept vector by a baseline `method` (RFM fits all blocks at once)."""
     X = X.float()
     if method == "linear":
-        v, details = fit_linear(X, y), {}
+        v = fit_linear(X, y)
     elif method == "logistic":
-        v, details = fit_logistic(X, y), {}
+        v = fit_logistic(X, y)
     elif method == "mean_difference":
-        v, details = fit_mean_difference(X, is_prefixed), {}
+        v = fit_mean_difference(X, is_prefixed)
     elif method == "pca":
-        v, details = fit_pca(X, is_prefixed), {}
+        v = fit_pca(X, is_prefixed)
     else:
         raise ValueError(f"Unknown vector method '{method}'; use one of: {', '.join(METHODS)}.")
-    return orient(v, X, is_prefixed), details
+    return orient(v, X, is_prefixed)
 
 
 # --- Concept vectors -------------------------------------------------------------------------------
 @dataclass
 class ConceptVector:
-    """Unit directions keyed by block, the blocks' mean hidden-state norms, and what produced them."""
+    """Unit directions keyed by block, the blocks' typical hidden-state norms, and what produced them."""
 
     directions: dict[int, torch.Tensor]  # block -> (d,) unit vector
-    norms: dict[int, float]  # block -> mean norm of that block's hidden states (eps is relative to it)
+    norms: dict[int, float]  # block -> typical (median) hidden-state norm; eps is relative to it
     metadata: dict[str, str] = field(default_factory=dict)  # model, concept, method, token selection, labels
 
     def save(self, path: Path) -> None:
@@ -229,9 +229,9 @@ def fit_concept_vector(method: str, features: torch.Tensor, labels: torch.Tensor
         directions = {b: orient(raw[b], features[:, b].float(), is_prefixed) for b in range(features.shape[1])}
         details = [{"block": b, **settings[b]} for b in directions]
     else:
-        directions, details = {}, []
-        for block in tqdm(range(features.shape[1]), desc=f"fit {method}", leave=False, disable=not progress):
-            directions[block], info = fit_vector(method, features[:, block], labels[:, block], is_prefixed)
-            details.append({"block": block, **info})
+        directions = {block: fit_vector(method, features[:, block], labels[:, block], is_prefixed)
+                      for block in tqdm(range(features.shape[1]), desc=f"fit {method}", leave=False,
+                                        disable=not progress)}
+        details = [{"block": b} for b in directions]
     norm_map = {b: float(norms[b]) for b in directions}
     return ConceptVector(directions, norm_map, dict(metadata or {}, method=method)), details
