@@ -10,6 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 MODELS ?= smollm2-135m
 PROFILE ?= default
+BENCH_MODELS ?= smollm2-135m gemma3-270m
 KERNEL := steer-utils
 
 BIN := $(VENV)/bin
@@ -24,7 +25,7 @@ NB_NAMES := $(basename $(notdir $(NOTEBOOKS)))
 # Tests and nbval write outputs here, never over the committed results/ and figures/.
 TEST_OUT := cache/test-outputs
 
-.PHONY: help install all test test-unit test-notebooks lock clean clean-cache $(NB_NAMES)
+.PHONY: help install all bench test test-unit test-notebooks lock clean clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -51,6 +52,9 @@ $(NB_NAMES): %: $(STAMP)
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
 			notebooks/$@.ipynb runs/$$slug/$@.ipynb -p model "$$m" -p profile $(PROFILE); \
 	done
+
+bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
+	$(BIN)/python -m steer_utils.bench --models $(BENCH_MODELS)
 
 test: test-unit test-notebooks ## Run the unit/integration tests, then nbval over the notebooks
 

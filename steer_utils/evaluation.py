@@ -269,3 +269,15 @@ def steerability_by(scored: pd.DataFrame, column: str, protocol: str = "best_of_
     parts = [steerability_table(concept_steerability(rows, protocol=protocol), n_boot=n_boot, seed=seed)
              .assign(**{column: value}) for value, rows in scored.groupby(column, sort=True)]
     return pd.concat(parts, ignore_index=True)
+
+
+def average_draws(concept_df: pd.DataFrame, suffix: str = r"-d\d+$") -> pd.DataFrame:
+    """Merge settings that differ only by a draw suffix ('random-25%-d0', 'random-25%-d1', ...) into one row per
+    concept: mean `steerability` over draws; `steered_any` by majority (a tie counts as not steered)."""
+    _require(concept_df, ["setting", "concept_class", "concept", "steerability", "steered_any"], "Concept table")
+    merged = concept_df.assign(setting=concept_df.setting.str.replace(suffix, "", regex=True))
+    out = (merged.groupby(list(CONCEPT_KEYS), sort=False)
+           .agg(steerability=("steerability", "mean"), steered_any=("steered_any", "mean"),
+                n_draws=("steerability", "size")).reset_index())
+    out["steered_any"] = (out.steered_any > 0.5).astype(int)
+    return _sorted(out, merged.setting, CONCEPT_KEYS)

@@ -1,13 +1,20 @@
-"""Batched extraction: block outputs and attention-to-prefix at the shared tail positions, in one pass.
+"""Batched extraction: block outputs and attention-to-prefix at the shared tail positions.
 
 For every block l and every tail position t (the chat-template tokens after the user text):
 - hidden[l, t]: the block's output hidden state (the residual stream after block l);
-- attn_prefix[l, h, t]: sum over prefix positions j of head h's attention weight A[l, h, t, j].
-Prompts are left-padded so the tail sits at the last positions of every row; position ids are
-rebuilt from the attention mask so padding does not shift rotary positions. The LM head is never run.
+- attn_prefix[l, h, t]: sum over prefix positions j of head h's attention weight A[l, h, t, j];
+- attn_user[l, t, h, :] (optional, for the enrichment test): head h's attention row over the user-text positions.
+
+Speed (see `make bench`): the tokens every prompt of a set shares at the start (template head, system prompt,
+concept prefix, statement template) run once; their keys and values are copied into every batch, so each
+prompt only pays for its own statement and the tail. Prompts are padded in the middle (shared part, padding,
+own part) so the tail sits at the last positions; position ids come from the attention mask so padding does
+not shift rotary positions. The LM head is never run. `extract_reference` is the slow, obvious loop
+(batch 1, two full passes with `output_hidden_states` / `output_attentions`), kept for tests and the benchmark.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +24,7 @@ from tqdm.auto import tqdm
 from .cache import cache_key, cached_tensors
 from .data import EncodedPrompt
 
-EXTRACTION_VERSION = 1  # bump when the computation below changes, so cached entries are not reused
+EXTRACTION_VERSION = 2  # bump when the computation below changes, so cached entries are not reused
 
 
 @dataclass
@@ -26,6 +33,7 @@ class Activations:
 
     hidden: torch.Tensor  # (n, n_blocks, n_tail, d) float32
     attn_prefix: torch.Tensor  # (n, n_blocks, n_heads, n_tail) float32; zeros for unprefixed prompts
+    attn_user: torch.Tensor | None = None  # (n, n_blocks, n_tail, n_heads, W) float32, W = longest user text
 
     @property
     def attn_prefix_mean(self) -> torch.Tensor:
@@ -55,70 +63,148 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def pad_left(prompts: list[EncodedPrompt], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, prefix_mask, each (batch, max_len), with padding on the left."""
-    width = max(len(p.input_ids) for p in prompts)
+def shared_length(prompts: list[EncodedPrompt], n_tail: int) -> int:
+    """Length of the token prefix all prompts share, leaving every prompt at least its tail as its own part."""
+    first = prompts[0].input_ids
+    common = 0
+    while common < len(first) and all(len(p.input_ids) > common and p.input_ids[common] == first[common]
+                                      for p in prompts):
+        common += 1
+    return max(0, min(common, min(len(p.input_ids) for p in prompts) - n_tail))
+
+
+def user_layout(prompts: list[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user-text lengths (n,), prefix spans relative to the user text (n, 2)), the enrichment test's inputs."""
+    lengths = torch.tensor([p.tail_start - p.user_start for p in prompts])
+    spans = torch.tensor([[p.prefix_span[0] - p.user_start, p.prefix_span[1] - p.user_start] if p.prefix_span
+                          else [0, 0] for p in prompts])
+    return lengths, spans
+
+
+def _layout(prompts: list[EncodedPrompt], shared: int, pad_id: int):
+    """Own parts padded between the shared part and themselves; per row, the full-width column of each position.
+
+    Returns ids (b, w) of the own parts, mask (b, shared + w), columns (list of (len_i,) long tensors).
+    """
+    width = max(len(p.input_ids) for p in prompts) - shared
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    prefix = torch.zeros((len(prompts), width))
+    mask = torch.ones((len(prompts), shared + width), dtype=torch.long)
+    columns = []
     for row, prompt in enumerate(prompts):
-        offset = width - len(prompt.input_ids)
-        ids[row, offset:] = torch.tensor(prompt.input_ids)
-        mask[row, offset:] = 1
-        if prompt.prefix_span is not None:
-            prefix[row, offset + prompt.prefix_span[0]: offset + prompt.prefix_span[1]] = 1.0
-    return ids, mask, prefix
+        own = len(prompt.input_ids) - shared
+        ids[row, width - own:] = torch.tensor(prompt.input_ids[shared:])
+        mask[row, shared:shared + width - own] = 0
+        position = torch.arange(len(prompt.input_ids))
+        columns.append(torch.where(position < shared, position, position + width - own))
+    return ids, mask, columns
 
 
 @torch.inference_mode()
 def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id: int, batch_size: int = 16,
-            desc: str = "extract") -> Activations:
+            keep_user_attention: bool = False, share_prefix: bool = True, desc: str = "extract") -> Activations:
     """Run the prompts through the model's blocks in batches; see the module docstring."""
+    from transformers import DynamicCache
+
     blocks = find_blocks(model)
     base = getattr(model, model.base_model_prefix, model)  # the decoder without the LM head
     device = next(model.parameters()).device
-    hidden_out, attn_out = [], []
-    state: dict = {}
+    shared = shared_length(prompts, n_tail) if share_prefix else 0
+    user_width = max(p.tail_start - p.user_start for p in prompts)
+    out: dict[str, list] = {"hidden": [], "attn_prefix": [], "attn_user": []}
+    state: dict = {"active": False}
 
     def keep_hidden(index):
         def hook(module, args, output):
-            state["hidden"][index] = block_output(output)[:, -n_tail:].float()  # (b, n_tail, d)
+            if state["active"]:
+                state["hidden"][index] = block_output(output)[:, -n_tail:].float()  # (b, n_tail, d)
         return hook
 
     def keep_attention(index):
         def hook(module, args, output):
-            weights = output[1]  # (b, heads, seq, seq), eager attention
+            if not state["active"]:
+                return
+            weights = output[1]  # (b, heads, own width, shared + own width), eager attention
             if weights is None:
                 raise ValueError("Attention weights are unavailable: load the model with attn_implementation='eager'.")
-            rows = weights[:, :, -n_tail:, :].float()  # (b, heads, n_tail, seq)
-            state["attn"][index] = torch.einsum("bhts,bs->bht", rows, state["prefix"])
+            rows = weights[:, :, -n_tail:, :].float()  # (b, heads, n_tail, columns)
+            state["attn_prefix"][index] = torch.einsum("bhts,bs->bht", rows, state["prefix"])
+            if keep_user_attention:  # (b, n_tail, heads, W): gather each row's user-text columns
+                index_ = state["user_columns"][:, None, None, :].expand(-1, rows.shape[1], n_tail, -1)
+                picked = rows.gather(3, index_) * state["user_valid"][:, None, None, :]
+                state["attn_user"][index] = picked.permute(0, 2, 1, 3)
         return hook
 
+    cache = None
     handles = [b.register_forward_hook(keep_hidden(i)) for i, b in enumerate(blocks)]
     handles += [find_attention(b).register_forward_hook(keep_attention(i)) for i, b in enumerate(blocks)]
     try:
+        if shared:  # the shared part once, batch 1; its keys and values serve every batch
+            cache = DynamicCache(config=model.config)
+            base(input_ids=torch.tensor([prompts[0].input_ids[:shared]], device=device), past_key_values=cache,
+                 use_cache=True)
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
                           disable=len(prompts) <= batch_size):
-            ids, mask, prefix = pad_left(prompts[start:start + batch_size], pad_id)
-            state.update(hidden=[None] * len(blocks), attn=[None] * len(blocks), prefix=prefix.to(device))
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            batch = prompts[start:start + batch_size]
+            ids, mask, columns = _layout(batch, shared, pad_id)
+            prefix = torch.zeros(mask.shape)
+            user_columns = torch.zeros((len(batch), user_width), dtype=torch.long)
+            user_valid = torch.zeros((len(batch), user_width))
+            for row, prompt in enumerate(batch):
+                if prompt.prefix_span is not None:
+                    prefix[row, columns[row][prompt.prefix_span[0]:prompt.prefix_span[1]]] = 1.0
+                user = columns[row][prompt.user_start:prompt.tail_start]
+                user_columns[row, :len(user)] = user
+                user_valid[row, :len(user)] = 1.0
+            state.update(active=True, hidden=[None] * len(blocks), attn_prefix=[None] * len(blocks),
+                         attn_user=[None] * len(blocks), prefix=prefix.to(device),
+                         user_columns=user_columns.to(device), user_valid=user_valid.to(device))
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(batch))
             base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                 use_cache=False)
-            hidden_out.append(torch.stack(state["hidden"], dim=1).cpu())  # (b, n_blocks, n_tail, d)
-            attn_out.append(torch.stack(state["attn"], dim=1).cpu())  # (b, n_blocks, heads, n_tail)
+                 past_key_values=past, use_cache=past is not None)
+            for name in ("hidden", "attn_prefix") + (("attn_user",) if keep_user_attention else ()):
+                out[name].append(torch.stack(state[name], dim=1).cpu())  # (b, n_blocks, ...)
+            state["active"] = False
     finally:
         for handle in handles:
             handle.remove()
-    return Activations(hidden=torch.cat(hidden_out), attn_prefix=torch.cat(attn_out))
+    return Activations(hidden=torch.cat(out["hidden"]), attn_prefix=torch.cat(out["attn_prefix"]),
+                       attn_user=torch.cat(out["attn_user"]) if keep_user_attention else None)
+
+
+@torch.inference_mode()
+def extract_reference(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int) -> Activations:
+    """The official code's loop: one prompt at a time, fp32 as loaded, one full pass with `output_attentions`
+    and another with `output_hidden_states` (LM head included). The last block's entry is after the final norm,
+    as `output_hidden_states` returns it."""
+    device = next(model.parameters()).device
+    hidden, attn = [], []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids], device=device)
+        attentions = model(ids, output_attentions=True).attentions  # n_blocks × (1, heads, seq, seq)
+        states = model(ids, output_hidden_states=True).hidden_states  # (n_blocks + 1) × (1, seq, d)
+        hidden.append(torch.stack([h[0, -n_tail:] for h in states[1:]]).float())  # (n_blocks, n_tail, d)
+        prefix = torch.zeros(len(prompt.input_ids), device=device)
+        if prompt.prefix_span is not None:
+            prefix[prompt.prefix_span[0]:prompt.prefix_span[1]] = 1.0
+        attn.append(torch.stack([a[0, :, -n_tail:, :].float() @ prefix for a in attentions]))  # (n_blocks, heads, n_tail)
+    return Activations(hidden=torch.stack(hidden).cpu(), attn_prefix=torch.stack(attn).cpu())
 
 
 def extract_cached(model: nn.Module, model_key: str, prompts: list[EncodedPrompt], n_tail: int, pad_id: int,
-                   batch_size: int = 16, desc: str = "extract") -> Activations:
+                   batch_size: int = 16, keep_user_attention: bool = False, desc: str = "extract") -> Activations:
     """`extract`, cached on disk under a key of (model, dtype, prompt texts and spans, n_tail, code version)."""
     key = cache_key(
         "activations", EXTRACTION_VERSION, model=model_key, dtype=str(next(model.parameters()).dtype),
-        prompts=[(p.text, p.prefix_span) for p in prompts], n_tail=n_tail,
+        prompts=[(p.text, p.prefix_span) for p in prompts], n_tail=n_tail, user_attention=keep_user_attention,
     )
-    tensors = cached_tensors("activations", key, lambda: vars(
-        extract(model, prompts, n_tail, pad_id, batch_size=batch_size, desc=desc)))
-    return Activations(hidden=tensors["hidden"], attn_prefix=tensors["attn_prefix"])
+
+    def compute() -> dict[str, torch.Tensor]:
+        acts = extract(model, prompts, n_tail, pad_id, batch_size, keep_user_attention, desc=desc)
+        return {k: v for k, v in vars(acts).items() if v is not None}
+
+    tensors = cached_tensors("activations", key, compute)
+    return Activations(hidden=tensors["hidden"], attn_prefix=tensors["attn_prefix"], attn_user=tensors.get("attn_user"))

@@ -13,13 +13,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, labels, selection, steering, vectors
+from . import data, enrichment, labels, selection, steering, vectors
 from .cache import atomic_write, cache_key
-from .extraction import Activations, extract_cached
+from .extraction import Activations, extract_cached, user_layout
 from .paths import CACHE_DIR, model_slug
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: generation with SDPA attention
 COEFFICIENTS = (0.015, 0.025, 0.035, 0.05)  # eps relative to each block's typical hidden-state norm
+LAYER_FRACTIONS = (0.25, 0.5)  # shares of the steerable blocks kept by top/bottom/random-k selection
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ConceptActivations:
     prefixed: Activations
     unprefixed: Activations
     tail: list[str]
+    user_lengths: torch.Tensor  # (n,) user-text tokens of each prefixed prompt
+    prefix_spans: torch.Tensor  # (n, 2) the prefix span within the user text
 
 
 def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
@@ -65,9 +68,11 @@ def concept_activations(model, tokenizer, model_key: str, concept_class: str, co
     n_tail, pad = len(tail_ids), tokenizer.pad_token_id
     return ConceptActivations(
         concept_class, concept,
-        extract_cached(model, model_key, prefixed, n_tail, pad, batch_size, desc=f"extract {concept}"),
+        extract_cached(model, model_key, prefixed, n_tail, pad, batch_size, keep_user_attention=True,
+                       desc=f"extract {concept}"),
         extract_cached(model, model_key, plain, n_tail, pad, batch_size, desc="extract unprefixed"),
         data.tail_token_names(tokenizer, tail_ids),
+        *user_layout(prefixed),
     )
 
 
@@ -181,3 +186,108 @@ def statement_sweep(model, tokenizer, model_name: str, sample: pd.DataFrame, all
     runs = [judged_run(model, tokenizer, model_name, sample, all_statements[:n], questions, setting_names, grader,
                        **kwargs)[0].assign(n_statements=n) for n in counts]
     return pd.concat(runs, ignore_index=True)
+
+
+def concept_enrichment(acts: ConceptActivations, null: str = "scattered", n_draws: int = 1000, alpha: float = 0.01,
+                       fdr_level: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """Per block: enrichment `score` (share of (statement, head) tests with p < alpha at the attention-selected
+    token), `score_fdr` (share with Benjamini-Hochberg q < fdr_level over all the concept's tests), `evidence`
+    (mean -log10 p, which breaks ties between equal scores) and the selected token."""
+    chosen = selection.select_tokens(acts.prefixed.attn_prefix_mean, "attention")  # (n_blocks,)
+    rows = selection.gather_selected(acts.prefixed.attn_user, chosen)  # (n, n_blocks, n_heads, W)
+    pvalues = enrichment.permutation_pvalues(rows, acts.user_lengths, acts.prefix_spans, null, n_draws, seed)
+    n_blocks = pvalues.shape[1]
+    return pd.DataFrame({
+        "concept_class": acts.concept_class, "concept": acts.concept, "block": range(n_blocks),
+        "depth": [b / max(n_blocks - 1, 1) for b in range(n_blocks)],  # 0 = first block, 1 = last
+        "score": enrichment.enrichment_scores(pvalues, alpha).tolist(),
+        "score_fdr": enrichment.enrichment_scores(pvalues, fdr_level, fdr=True).tolist(),
+        "evidence": enrichment.evidence(pvalues).tolist(),
+        "selected": chosen.tolist(), "selected_token": [acts.tail[i] for i in chosen.tolist()]})
+
+
+def enrichment_tables(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+                      batch_size: int = 16, **kwargs) -> pd.DataFrame:
+    """`concept_enrichment` for every concept of a sample (activations come from the extraction cache)."""
+    tables = [concept_enrichment(concept_activations(model, tokenizer, model_name, row.concept_class, row.concept,
+                                                     statements, batch_size), **kwargs)
+              for row in tqdm(list(sample.itertuples()), desc="enrichment")]
+    return pd.concat(tables, ignore_index=True)
+
+
+def block_sets(scores: torch.Tensor, tiebreak: torch.Tensor, fractions=LAYER_FRACTIONS, n_random: int = 3,
+               seed: int = 0) -> dict[str, list[int]]:
+    """Named block sets to steer: 'all' steerable blocks, and per fraction f the top/bottom-k by enrichment
+    score (ties by `tiebreak`) and `n_random` seeded random-k draws ('random-25%-d0', ...), k = round(f * #steerable)."""
+    candidates = steering.default_blocks(len(scores))
+    sets = {"all": candidates}
+    for fraction in fractions:
+        k, label = enrichment.k_from_fraction(fraction, len(candidates)), f"{round(100 * fraction)}%"
+        for how in ("top", "bottom"):
+            sets[f"{how}-{label}"] = enrichment.select_blocks(scores, k, how, candidates=candidates, tiebreak=tiebreak)
+        for draw in range(n_random):
+            sets[f"random-{label}-d{draw}"] = enrichment.select_blocks(scores, k, "random", seed=seed + draw,
+                                                                      candidates=candidates)
+    return sets
+
+
+def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
+                        questions: list[str], setting: str = "attention-soft-rfm", fractions=LAYER_FRACTIONS,
+                        n_random: int = 3, coefficients=COEFFICIENTS, max_new_tokens: int = 50, seed: int = 0,
+                        batch_size: int = 16, **enrichment_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One concept's vector steered through each block set of `block_sets`, in one batched call; cached.
+
+    A set of k blocks gets the coefficient grid scaled by (#steerable / k), so every set injects about the
+    same total shift into the residual stream as steering all blocks (`eps` column = the applied value).
+    Returns (generations: one row per block set × coefficient × question, enrichment: one row per block).
+    """
+    if not len(coefficients):
+        raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    key = cache_key("layers", PIPELINE_VERSION, model=model_name, dtype=str(next(model.parameters()).dtype),
+                    concept=[concept_class, concept], statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(),
+                    questions=list(questions), setting=setting, fractions=list(fractions), n_random=n_random,
+                    coefficients=list(coefficients), max_new_tokens=max_new_tokens, seed=seed, **enrichment_kwargs)
+    folder = CACHE_DIR / "layers" / model_slug(model_name)
+    gen_path, enrich_path = folder / f"{key}.csv", folder / f"{key}.enrichment.csv"
+    if not gen_path.exists():
+        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size)
+        table = concept_enrichment(acts, seed=seed, **enrichment_kwargs)
+        vector, _ = fit_setting(acts, Setting.parse(setting), model_name, seed)
+        sets = block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()), fractions,
+                          n_random, seed)
+        n_steerable = len(sets["all"])
+        scales = {name: n_steerable / len(blocks) for name, blocks in sets.items()}
+        grid = steering.generate_grid(model, tokenizer, {name: vector for name in sets}, questions, coefficients,
+                                      sets, max_new_tokens, scales)
+        grid.insert(0, "concept", concept)
+        grid.insert(0, "concept_class", concept_class)
+        grid.insert(3, "block_set", grid.setting.str.replace(r"-d\d+$", "", regex=True))
+        grid.insert(4, "n_steered", grid.setting.map(lambda s: len(sets[s])))
+        grid.insert(6, "eps", grid.coefficient * grid.setting.map(scales))
+        grid["blocks"] = grid.setting.map(lambda s: " ".join(map(str, sets[s])))
+        atomic_write(enrich_path, lambda tmp: table.to_csv(tmp, index=False))
+        atomic_write(gen_path, lambda tmp: grid.to_csv(tmp, index=False))  # last: marks it done
+    return pd.read_csv(gen_path, keep_default_na=False), pd.read_csv(enrich_path)
+
+
+def layer_selection_run(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+                        questions: dict[str, list[str]], grader, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`run_layer_selection` for every concept of a sample, then the judge: (scored generations, enrichment)."""
+    grids, tables = [], []
+    for row in tqdm(list(sample.itertuples()), desc="layer selection"):
+        grid, table = run_layer_selection(model, tokenizer, model_name, row.concept_class, row.concept, statements,
+                                          questions[row.concept_class], **kwargs)
+        grids.append(grid)
+        tables.append(table)
+    return judge_generations(grader, pd.concat(grids, ignore_index=True)), pd.concat(tables, ignore_index=True)
+
+
+def top_block_table(enrichment_table: pd.DataFrame, fractions=LAYER_FRACTIONS) -> pd.DataFrame:
+    """The blocks of every concept's top-k sets (one row per concept × set × block), with normalised depth."""
+    rows = []
+    for (concept_class, concept), table in enrichment_table.groupby(["concept_class", "concept"], sort=False):
+        sets = block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()), fractions,
+                          n_random=0)
+        rows += [(concept_class, concept, name, block, block / (len(table) - 1))
+                 for name, blocks in sets.items() if name.startswith("top") for block in blocks]
+    return pd.DataFrame(rows, columns=["concept_class", "concept", "block_set", "block", "depth"])

@@ -122,3 +122,45 @@ def plot_eps_sweep(table) -> plt.Figure:
     sns.lineplot(long, x="coefficient", y="value", hue="measure", marker="o", errorbar=("ci", 95), ax=ax)
     ax.set(xscale="log", xlabel="eps (relative to block norm)", ylabel="mean over responses", ylim=(0, 1.05))
     return fig
+
+
+def plot_enrichment(table, value: str = "score") -> plt.Figure:
+    """Left: enrichment heatmap (concepts grouped by class × blocks); right: class means over normalised depth."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.4, 1]}, layout="constrained")
+    wide = table.pivot_table(index=["concept_class", "concept"], columns="block", values=value, sort=False)
+    sns.heatmap(wide, ax=axes[0], vmin=0, vmax=max(float(wide.max().max()), 1e-9), cmap="magma",
+                cbar_kws={"label": f"enrichment ({value})"}, yticklabels=False, xticklabels=max(1, wide.shape[1] // 6))
+    starts = wide.index.get_level_values(0)
+    for i in range(1, len(starts)):
+        if starts[i] != starts[i - 1]:
+            axes[0].axhline(i, color="white", lw=0.8)
+    axes[0].set(xlabel="block", ylabel="concepts (grouped by class)", title="Per concept")
+    sns.lineplot(table, x="depth", y=value, hue="concept_class", palette=CLASS_PALETTE, errorbar=("ci", 95),
+                 ax=axes[1])
+    axes[1].set(xlabel="normalised depth (block / last block)", ylabel=f"enrichment ({value})", title="Class means",
+                xlim=(0, 1))
+    axes[1].legend(title=None, fontsize=7)
+    return fig
+
+
+def plot_block_set_steerability(table, order: list[str], title: str = "") -> plt.Figure:
+    """Steerability ('all' classes) per steered block set with 95% CIs, grouped by the fraction of blocks kept."""
+    rows = table[table.concept_class == "all"].set_index("setting").loc[order].reset_index()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(order) + 1.5), 3.2))
+    colours = {"all": "grey", "top": sns.color_palette("deep")[0], "bottom": sns.color_palette("deep")[3],
+               "random": sns.color_palette("deep")[7]}
+    ax.bar(range(len(rows)), rows.steerability, color=[colours[s.split("-")[0]] for s in rows.setting])
+    ax.errorbar(range(len(rows)), rows.steerability, fmt="none", ecolor="black", elinewidth=0.8, capsize=2,
+                yerr=[rows.steerability - rows.ci_low, rows.ci_high - rows.steerability])
+    ax.set_xticks(range(len(rows)), rows.setting, rotation=35, ha="right")
+    ax.set(ylim=(0, 1.05), xlabel="steered blocks", ylabel="steerability (share of concepts)", title=title)
+    return fig
+
+
+def plot_top_block_depth(sets) -> plt.Figure:
+    """Where the top-k blocks sit (Fig 4B analogue): share of concepts whose top set contains each depth bin."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.histplot(sets, x="depth", hue="block_set", stat="proportion", common_norm=False, element="step",
+                 bins=[i / 10 for i in range(11)], ax=ax)
+    ax.set(xlabel="normalised depth of a selected block", ylabel="share of selected blocks", xlim=(0, 1))
+    return fig

@@ -15,6 +15,7 @@ class Profile:
     max_new_tokens: int
     sweep_concepts_per_class: int  # concepts per class in the sweeps of notebook 02
     statement_counts: tuple[int, ...]  # training-set sizes of the statement-count sweep
+    layer_concepts_per_class: int = 1  # concepts per class steered through top/bottom/random block sets (03)
 
     def as_dict(self) -> dict:
         """Plain dict, for tables."""
@@ -23,11 +24,12 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile("smoke", n_concepts_per_class=1, n_statements=16, n_questions=5, max_new_tokens=24,
-                     sweep_concepts_per_class=1, statement_counts=(8, 16)),
+                     sweep_concepts_per_class=1, statement_counts=(8, 16), layer_concepts_per_class=1),
     "default": Profile("default", n_concepts_per_class=20, n_statements=64, n_questions=5, max_new_tokens=50,
-                       sweep_concepts_per_class=2, statement_counts=(16, 32, 64)),
+                       sweep_concepts_per_class=2, statement_counts=(16, 32, 64), layer_concepts_per_class=3),
     "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5, max_new_tokens=50,
-                    sweep_concepts_per_class=10, statement_counts=(50, 100, 200, 400)),
+                    sweep_concepts_per_class=10, statement_counts=(50, 100, 200, 400),
+                    layer_concepts_per_class=20),
 }
 
 

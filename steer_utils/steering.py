@@ -15,6 +15,7 @@ from torch import nn
 
 from .data import render_prompt
 from .extraction import block_output, find_blocks
+from .models import attention_implementation
 from .vectors import ConceptVector
 
 
@@ -24,19 +25,27 @@ def default_blocks(n_blocks: int) -> list[int]:
 
 
 def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[float],
-                       blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per-row additions {block: (rows, d)} = coefficient_r * norm_rl * v_rl, one row per (vector, coefficient)."""
+                       blocks: Sequence[int] | Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+    """Per-row additions {block: (rows, d)} = coefficient_r * norm_rl * v_rl, one row per (vector, coefficient).
+
+    `blocks` lists the steered blocks, for all rows or (a list of lists) for each row; a row that does not
+    steer a block gets zeros there.
+    """
     if len(vectors) != len(coefficients):
         raise ValueError(f"Got {len(vectors)} vectors for {len(coefficients)} coefficients; give one per row.")
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    per_row = [list(b) for b in blocks] if len(blocks) and not isinstance(blocks[0], int) else [list(blocks)] * len(vectors)
+    if len(per_row) != len(vectors):
+        raise ValueError(f"Got {len(per_row)} block lists for {len(vectors)} rows; give one per row.")
     additions = {}
-    for block in blocks:
-        missing = [i for i, v in enumerate(vectors) if block not in v.directions]
+    for block in sorted(set().union(*per_row)):
+        missing = [i for i, (v, b) in enumerate(zip(vectors, per_row)) if block in b and block not in v.directions]
         if missing:
             raise ValueError(f"Block {block} has no direction in vector(s) {missing}; choose blocks the vectors cover.")
-        additions[block] = torch.stack([c * v.norms[block] * v.directions[block].float()
-                                        for v, c in zip(vectors, coefficients)])
+        additions[block] = torch.stack([c * v.norms[block] * v.directions[block].float() if block in b
+                                        else torch.zeros_like(next(iter(v.directions.values())), dtype=torch.float32)
+                                        for v, c, b in zip(vectors, coefficients, per_row)])
     return additions
 
 
@@ -76,21 +85,29 @@ def clean_response(text: str) -> str:
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], additions: dict[int, torch.Tensor] | None = None,
              max_new_tokens: int = 50) -> list[str]:
-    """Greedy responses to chat-templated user messages, all in one batched call, optionally steered."""
+    """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered."""
     prompts = [render_prompt(tokenizer, m) for m in user_messages]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-    with steer(model, additions or {}):
+    with attention_implementation(model, "sdpa"), steer(model, additions or {}):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tokenizer.pad_token_id)
     return [clean_response(t) for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
 def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector], questions: Sequence[str],
-                  coefficients: Sequence[float], blocks: Sequence[int], max_new_tokens: int = 50) -> pd.DataFrame:
-    """Every (setting, coefficient, question) of one concept in one `generate` call; one row each."""
+                  coefficients: Sequence[float], blocks: Sequence[int] | dict[str, Sequence[int]],
+                  max_new_tokens: int = 50, scales: dict[str, float] | None = None) -> pd.DataFrame:
+    """Every (arm, coefficient, question) of one concept in one `generate` call; one row each.
+
+    An arm is a named vector, steered at `blocks` (one list, or a list per arm) with the coefficient grid
+    multiplied by the arm's `scales` entry (default 1); `coefficient` is the grid value before scaling.
+    """
+    scales = scales or {}
     rows = [(s, c, q) for s in vectors for c in coefficients for q in range(len(questions))]
-    additions = steering_additions([vectors[s] for s, _, _ in rows], [c for _, c, _ in rows], blocks)
+    row_blocks = [blocks[s] for s, _, _ in rows] if isinstance(blocks, dict) else blocks
+    eps = [c * scales.get(s, 1.0) for s, c, _ in rows]
+    additions = steering_additions([vectors[s] for s, _, _ in rows], eps, row_blocks)
     responses = generate(model, tokenizer, [questions[q] for _, _, q in rows], additions, max_new_tokens)
     return pd.DataFrame({"setting": [s for s, _, _ in rows], "coefficient": [c for _, c, _ in rows],
                          "question_id": [q for _, _, q in rows], "question": [questions[q] for _, _, q in rows],

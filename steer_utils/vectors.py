@@ -24,6 +24,20 @@ RFM_BANDWIDTHS = (1.0, 10.0, 100.0)
 # M stays in factored form M = F^T F with F (n, d): every M of the iteration is an average of n
 # gradient outer products, so distances, gradients and the top eigenvector cost O(n^2 d), not O(n d^2),
 # and many (block, bandwidth, normalisation) fits run as one batch.
+def _solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched solve of the SPD systems (K + reg I) alpha = y.
+
+    MKL's batched LU in torch 2.13 on this CPU sometimes fails with "Pivots given to lu_solve must all be
+    greater or equal to 1" on well-posed systems (seen in the benchmark process only, never in isolation),
+    so a failure falls back to Cholesky, one matrix at a time, in float64.
+    """
+    try:
+        return torch.linalg.solve(A, b)
+    except RuntimeError:
+        return torch.stack([torch.cholesky_solve(bi.double(), torch.linalg.cholesky(Ai.double()))
+                            for Ai, bi in zip(A, b)]).to(A.dtype)
+
+
 def _agop_factor(X: torch.Tensor, y: torch.Tensor, bandwidth: torch.Tensor, reg: float, iters: int) -> torch.Tensor:
     """Batched RFM: X (B, n, d) centred, y (B, n), bandwidth (B,) -> F (B, n, d) with M = F^T F (max entry 1)."""
     B, n, _ = X.shape
@@ -35,7 +49,7 @@ def _agop_factor(X: torch.Tensor, y: torch.Tensor, bandwidth: torch.Tensor, reg:
         sq = (P * P).sum(-1)
         dist = (sq[:, :, None] + sq[:, None, :] - 2 * P @ P.transpose(1, 2)).clamp(min=0).sqrt()  # (B, n, n)
         K = torch.exp(-dist / L)
-        alpha = torch.linalg.solve(K + reg * eye, y[..., None])[..., 0]  # (B, n)
+        alpha = _solve(K + reg * eye, y[..., None])[..., 0]  # (B, n)
         # grad_x exp(-||x-z||_M / L) = -K / (L ||x-z||_M) M (x - z); undefined at x = z, set to 0 there.
         W = torch.where(dist > 0, K / dist.clamp(min=1e-12), torch.zeros_like(K)) / L * alpha[:, None, :]
         AX = W.sum(-1, keepdim=True) * X - W @ X  # (B, n, d): sum_j W_ij (x_i - x_j)

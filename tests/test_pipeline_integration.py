@@ -58,3 +58,10 @@ def test_attention_selection_differs_from_fixed_on_a_real_model(smollm2, tmp_pat
     assert (attention[3] != fixed[3]).any()  # some block reads a different tail token
     soft = attention[1][: len(acts.prefixed.hidden)]
     assert soft.max() == 1 and not torch.isnan(soft).any() and soft.std(0).mean() > 0  # heterogeneous labels
+
+
+def test_fast_extraction_matches_the_reference_loop_on_smollm2(smollm2):
+    from tests.test_pipeline_units import assert_fast_path_matches_reference
+
+    model, tokenizer, _ = smollm2
+    assert_fast_path_matches_reference(model, tokenizer, "places", "Paris", data.load_statements(n=16), batch_size=8)

@@ -1,11 +1,12 @@
 """Extraction, token selection, labels, vectors and steering on tiny random models (exact identities)."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, labels, models, selection, steering, vectors
-from steer_utils.extraction import extract, find_blocks
+from steer_utils import cache, data, extraction, labels, models, pipeline, selection, steering, vectors
+from steer_utils.extraction import extract, extract_reference, find_blocks, shared_length, user_layout
 
 STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
               "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
@@ -51,6 +52,39 @@ def test_extraction_matches_a_simple_reference_pass(tiny, prompts):
     for block in range(info.n_blocks):
         expected = out.attentions[block][0, :, -n_tail:, start:end].sum(-1)  # (heads, n_tail)
         torch.testing.assert_close(ours.attn_prefix[0, block], expected, atol=1e-6, rtol=1e-5)
+
+
+def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, concept: str, statements: list[str],
+                                       batch_size: int = 3) -> None:
+    """Shared-prefix batched extraction vs the batch-1 two-pass loop: same hidden states (all blocks but the last,
+    which `output_hidden_states` returns after the final norm), attention sums, labels and vectors."""
+    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
+    n_tail = len(data.shared_tail(prefixed + plain))
+    assert shared_length(prefixed, n_tail) > 0  # the fast path really reuses a shared part
+    fast = [extract(model, p, n_tail, tokenizer.pad_token_id, batch_size, keep_user_attention=True) for p in (prefixed, plain)]
+    slow = [extract_reference(model, p, n_tail) for p in (prefixed, plain)]
+    for ours, ref in zip(fast, slow):
+        scale = ref.hidden.abs().amax()
+        torch.testing.assert_close(ours.hidden[:, :-1], ref.hidden[:, :-1], atol=2e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(ours.attn_prefix, ref.attn_prefix, atol=2e-5, rtol=1e-4)
+    lengths, spans = user_layout(prefixed)
+    on_prefix = torch.stack([fast[0].attn_user[i, ..., s:e].sum(-1) for i, (s, e) in enumerate(spans.tolist())])
+    torch.testing.assert_close(on_prefix.transpose(2, 3), fast[0].attn_prefix, atol=1e-6, rtol=1e-5)
+    tail = data.tail_token_names(tokenizer, data.shared_tail(prefixed + plain))
+    acts = [pipeline.ConceptActivations(concept_class, concept, p, q, tail, lengths, spans) for p, q in (fast, slow)]
+    setting = pipeline.Setting("attention", "soft", "rfm")
+    (x_fast, y_fast, _, chosen_fast), (x_ref, y_ref, _, chosen_ref) = (pipeline.training_set(a, setting) for a in acts)
+    assert torch.equal(chosen_fast, chosen_ref)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-4, rtol=1e-4)
+    keep = slice(0, x_fast.shape[1] - 1)
+    v_fast, v_ref = (vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref)))
+    cosine = torch.nn.functional.cosine_similarity(v_fast[0], v_ref[0], dim=-1).abs()
+    assert cosine.min() > 0.999, cosine
+
+
+def test_fast_extraction_matches_the_reference_loop(tiny):
+    model, tokenizer, _ = tiny
+    assert_fast_path_matches_reference(model, tokenizer, "moods", "Cheerful", data.load_statements(n=24), batch_size=5)
 
 
 def test_token_selection_on_planted_attention():
@@ -204,3 +238,54 @@ def test_cache_computes_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and torch.equal(first["x"], second["x"])
     assert cache.cache_key("stage", 2, a=1) != key and cache.cache_key("stage", 1, a=2) != key
     assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
+
+
+def test_per_row_block_sets_steer_only_their_blocks():
+    v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    vec = vectors.ConceptVector({1: v0, 2: v1}, {1: 2.0, 2: 4.0})
+    additions = steering.steering_additions([vec, vec, vec], [0.5, 1.0, 0.25], [[1], [1, 2], [2]])
+    assert sorted(additions) == [1, 2]
+    torch.testing.assert_close(additions[1], torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]), atol=0, rtol=0)
+    torch.testing.assert_close(additions[2], torch.tensor([[0.0, 0.0], [0.0, 4.0], [0.0, 1.0]]), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="2 block lists for 3 rows"):
+        steering.steering_additions([vec, vec, vec], [1.0, 1.0, 1.0], [[1], [2]])
+
+
+def test_block_sets_and_scaled_grid_on_a_planted_score():
+    scores = torch.tensor([1.0, 0.0, 0.9, 0.8, 0.0, 0.1, 0.2, 0.0, 0.7])  # block 0 is never steered
+    evidence = torch.arange(9, dtype=torch.float64) / 10  # breaks the ties between the zero-score blocks
+    sets = pipeline.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)
+    assert sets["all"] == list(range(1, 9))
+    assert sets["top-25%"] == [2, 3] and sets["bottom-25%"] == [1, 4]  # k = 2 of 8; ties -> lower evidence
+    assert sets["top-50%"] == [2, 3, 6, 8] and sets["bottom-50%"] == [1, 4, 5, 7]
+    assert sets["random-25%-d0"] != sets["random-25%-d1"] or sets["random-50%-d0"] != sets["random-50%-d1"]
+    assert all(0 not in blocks and len(blocks) == len(set(blocks)) for blocks in sets.values())
+    assert sets == pipeline.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)  # seeded
+
+
+def test_average_draws_merges_random_draws_only():
+    from steer_utils import evaluation
+
+    table = pd.DataFrame({"setting": ["top-25%", "random-25%-d0", "random-25%-d1", "random-25%-d2"] * 2,
+                          "concept_class": ["moods"] * 8, "concept": ["a"] * 4 + ["b"] * 4,
+                          "steerability": [1.0, 0.2, 0.4, 0.6, 0.0, 1.0, 0.0, 0.0],
+                          "steered_any": [1, 1, 1, 0, 0, 1, 0, 0], "n_questions": [5] * 8})
+    merged = evaluation.average_draws(table)
+    assert list(merged.setting) == ["top-25%", "top-25%", "random-25%", "random-25%"]
+    random = merged[merged.setting == "random-25%"].set_index("concept")
+    assert random.steerability.round(6).to_dict() == {"a": 0.4, "b": round(1 / 3, 6)}
+    assert random.steered_any.to_dict() == {"a": 1, "b": 0} and random.n_draws.tolist() == [3, 3]
+
+
+def test_concept_enrichment_finds_a_planted_block():
+    n, n_blocks, n_tail, n_heads, width = 12, 4, 3, 2, 10
+    attn_user = torch.full((n, n_blocks, n_tail, n_heads, width), 0.05)
+    attn_user[:, 2, 1, :, :3] = 0.3  # block 2's tail token 1 looks at the 3-token prefix
+    attn_prefix = attn_user[..., :3].sum(-1).transpose(2, 3)  # (n, n_blocks, n_heads, n_tail)
+    hidden = torch.zeros(n, n_blocks, n_tail, 4)
+    acts = pipeline.ConceptActivations(
+        "moods", "cheerful", extraction.Activations(hidden, attn_prefix, attn_user), extraction.Activations(hidden, attn_prefix),
+        ["a", "b", "c"], torch.full((n,), width), torch.tensor([[0, 3]] * n))
+    table = pipeline.concept_enrichment(acts, n_draws=200)
+    assert table.score.tolist() == [0.0, 0.0, 1.0, 0.0] and table.selected[2] == 1
+    assert table.depth.tolist() == [0.0, 1 / 3, 2 / 3, 1.0] and (table.score_fdr <= 1).all()

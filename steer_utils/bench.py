@@ -1,0 +1,300 @@
+"""`make bench`: how fast each stage runs, on this machine, for one or more models.
+
+Prints a table and writes `results/bench.csv` (tidy: section, model, quantity, value, unit, note) and
+`figures/bench.{png,pdf}`. Not a test: numbers depend on the machine and on what else runs on it.
+
+Measured in one run:
+- matmul peaks (fp32, bf16) of this CPU/GPU;
+- extraction throughput of the reference-style loop (`extract_reference`: batch 1, two full passes with
+  `output_attentions` / `output_hidden_states`) vs ours (`extract`), on the same prompts, and our GFLOP/s
+  (FLOPs counted by torch's FlopCounterMode on the same call);
+- per-stage cost per concept (extract, fit all blocks, enrichment test, generate the grid, judge) and how
+  extraction and fitting grow with statements and blocks (least-squares slope, log-log exponent);
+- RFM fit time of one block vs number of examples; peak RSS of a default-profile concept in a fresh process;
+- wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
+  notebook 01 on the `full` profile (512 concepts, all statements, five questions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import data, judge, models, pipeline, plots, steering, vectors
+from .extraction import extract, extract_reference, find_blocks
+from .paths import CACHE_DIR, FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
+
+SETTINGS = ("fixed-hard-rfm", "attention-hard-rfm", "attention-soft-rfm")  # notebook 01's grid
+CONCEPT = ("moods", "cheerful")
+
+
+def _seconds(fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, size: int, device: str = "cpu", repeats: int = 3) -> float:
+    """GFLOP/s of a size^3 matmul in `dtype` (best of `repeats`)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    a @ a  # warm-up
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seconds = _seconds(lambda: (a @ a, sync()), repeats)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def linear_fit(x, y) -> tuple[float, float, float]:
+    """(slope, intercept, log-log exponent) of y against x; exponent ~1 means linear growth."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    slope, intercept = np.polyfit(x, y, 1)
+    exponent = np.polyfit(np.log(x), np.log(y), 1)[0]
+    return float(slope), float(intercept), float(exponent)
+
+
+class Table:
+    """Rows of the tidy benchmark table."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, section: str, model: str, quantity: str, value: float, unit: str, note: str = "") -> None:
+        """Append one measurement."""
+        self.rows.append(dict(section=section, model=model, quantity=quantity, value=float(value), unit=unit, note=note))
+
+    def frame(self) -> pd.DataFrame:
+        """The table as a DataFrame."""
+        return pd.DataFrame(self.rows)
+
+
+def bench_extraction(table: Table, name: str, model, tokenizer, n_statements: int) -> None:
+    """Reference-style loop vs ours on one concept's paired prompts, and our achieved GFLOP/s."""
+    prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, data.load_statements(n=n_statements))
+    prompts = prefixed + plain
+    n_tail, pad = len(data.shared_tail(prompts)), tokenizer.pad_token_id
+    ours_sets = lambda: [extract(model, p, n_tail, pad, keep_user_attention=p is prefixed) for p in (prefixed, plain)]
+    ours_sets()  # warm-up
+    t_ref = _seconds(lambda: extract_reference(model, prompts, n_tail))
+    t_ours = _seconds(ours_sets, repeats=3)
+    t_prefixed = _seconds(lambda: extract(model, prefixed, n_tail, pad, keep_user_attention=True), repeats=3)
+    with FlopCounterMode(display=False) as counter:
+        ours_sets()
+    flops = counter.get_total_flops()
+    note = f"{len(prompts)} prompts of '{CONCEPT[1]}' ({n_statements} statements, prefixed + unprefixed)"
+    table.add("extraction", name, "reference loop", len(prompts) / t_ref, "prompts/s", note)
+    table.add("extraction", name, "ours, same prompts", len(prompts) / t_ours, "prompts/s", note)
+    table.add("extraction", name, "speed-up, same prompts", t_ref / t_ours, "x", note)
+    table.add("extraction", name, "speed-up per concept in a run", t_ref / t_prefixed, "x",
+              "reference does the concept's prefixed + unprefixed prompts; ours only the prefixed ones "
+              "(unprefixed activations are cached once per model and statement set)")
+    table.add("extraction", name, "achieved", flops / t_ours / 1e9, "GFLOP/s", "FlopCounterMode FLOPs / wall time")
+
+
+def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, ...], grader) -> dict[str, float]:
+    """Per-concept cost of each stage and its growth with statements and blocks; returns the fitted slopes."""
+    statements = data.load_statements(n=max(counts))
+    questions = data.load_questions()[CONCEPT[0]][:5]
+    n_blocks = len(find_blocks(model))
+    extract_s, fit_s, test_s = [], [], []
+    for n in counts:
+        prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, statements[:n])
+        n_tail, pad = len(data.shared_tail(prefixed + plain)), tokenizer.pad_token_id
+        start = time.perf_counter()
+        pre = extract(model, prefixed, n_tail, pad, keep_user_attention=True)
+        extract_s.append(time.perf_counter() - start)
+        acts = pipeline.ConceptActivations(*CONCEPT, pre, extract(model, plain, n_tail, pad),
+                                           ["t"] * n_tail, *pipeline.user_layout(prefixed))
+        fit_s.append(_seconds(lambda: pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), name)))
+        test_s.append(_seconds(lambda: pipeline.concept_enrichment(acts)))
+    for stage, seconds in (("extract (prefixed prompts)", extract_s), ("fit one setting, all blocks", fit_s),
+                           ("enrichment test", test_s)):
+        for n, s in zip(counts, seconds):
+            table.add("stage vs statements", name, stage, s, "s/concept", f"{n} statements")
+        slope, intercept, exponent = linear_fit(counts, seconds)
+        table.add("growth", name, f"{stage}: slope", slope, "s per statement",
+                  f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
+    features, y, _, _ = pipeline.training_set(acts, pipeline.Setting.parse("attention-soft-rfm"))
+    block_counts = sorted({max(1, n_blocks // 4), max(1, n_blocks // 2), n_blocks})
+    block_s = [_seconds(lambda: vectors.fit_rfm(features[:, :b], y[:, :b])) for b in block_counts]
+    for b, s in zip(block_counts, block_s):
+        table.add("stage vs blocks", name, "fit one setting", s, "s/concept", f"{b} blocks, {max(counts)} statements")
+    slope, intercept, exponent = linear_fit(block_counts, block_s)
+    table.add("growth", name, "fit one setting: slope", slope, "s per block",
+              f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
+
+    vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), name)
+    arms = {s: vector for s in SETTINGS}
+    blocks = steering.default_blocks(n_blocks)
+    start = time.perf_counter()
+    grid = steering.generate_grid(model, tokenizer, arms, questions, pipeline.COEFFICIENTS, blocks, 50)
+    generate_s = time.perf_counter() - start
+    judge_s = _seconds(lambda: grader.score_table(CONCEPT[0], [CONCEPT[1]] * len(grid), grid.question.tolist(),
+                                                 grid.response.tolist()))
+    note = f"{len(grid)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
+    table.add("stage", name, "generate grid", generate_s, "s/concept", note)
+    table.add("stage", name, "judge grid", judge_s, "s/concept", note)
+    return {"counts": counts, "extract": extract_s, "fit": fit_s, "generate": generate_s, "judge": judge_s}
+
+
+def power_law(x, y, at: float) -> float:
+    """y extrapolated to `at` with the log-log least-squares fit y = a x^b (exact for linear or quadratic growth)."""
+    b, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
+    return float(np.exp(log_a) * at ** b)
+
+
+def bench_rfm(table: Table, name: str, d: int, sizes: tuple[int, ...]) -> None:
+    """RFM fit time of one block (bandwidth grid included) vs number of training examples."""
+    generator = torch.Generator().manual_seed(0)
+    seconds = []
+    for n in sizes:
+        X = torch.randn(n, 1, d, generator=generator)
+        y = (X[:, :, 0] > 0).float()
+        seconds.append(_seconds(lambda: vectors.fit_rfm(X, y), repeats=2))
+        table.add("rfm vs examples", name, "fit one block", seconds[-1], "s", f"{n} examples, d={d}")
+    _, _, exponent = linear_fit(sizes, seconds)
+    table.add("growth", name, "fit one block vs examples: log-log exponent", exponent, "",
+              f"{sizes[0]}-{sizes[-1]} examples")
+
+
+_RSS_SCRIPT = """
+import resource, sys
+from steer_utils import data, models, pipeline, profiles
+name, settings = sys.argv[1], sys.argv[2:]
+p = profiles.resolve_profile("default")
+model, tokenizer, _ = models.load_model(name)
+pipeline.run_concept(model, tokenizer, name, "moods", "cheerful", data.load_statements(n=p.n_statements),
+                     data.load_questions()["moods"][:p.n_questions], [pipeline.Setting.parse(s) for s in settings],
+                     max_new_tokens=p.max_new_tokens)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(name: str) -> float:
+    """Peak RSS (GiB) of a fresh process that runs one `default`-profile concept end to end (3 settings)."""
+    with tempfile.TemporaryDirectory() as tmp:  # a cold cache, except the converted weights (linked, not rebuilt)
+        if (CACHE_DIR / "models").exists():
+            os.symlink((CACHE_DIR / "models").resolve(), Path(tmp) / "models")
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, name, *SETTINGS], capture_output=True, text=True,
+                             check=True, cwd=ROOT, env={**os.environ, "STEER_CACHE_DIR": tmp})
+    return int(out.stdout.strip().splitlines()[-1]) / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
+def notebook_times(table: Table, name: str) -> dict[str, float]:
+    """Wall time of each executed notebook in runs/<model>/ (papermill's record of the last `make all`)."""
+    times = {}
+    for path in sorted((ROOT / "runs" / model_slug(name)).glob("[0-9][0-9]_*.ipynb")):
+        meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+        if meta.get("duration") is not None:
+            times[path.stem] = meta["duration"] / 60
+            profile = meta.get("parameters", {}).get("profile", "?")
+            table.add("make all", name, path.stem, times[path.stem], "min", f"profile {profile}, {meta.get('end_time', '')[:10]}")
+    if times:
+        table.add("make all", name, "total", sum(times.values()), "min", "sum of the notebooks above")
+    return times
+
+
+def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
+    """Notebook 01 on the `full` profile: 512 concepts, all statements, 3 settings, five questions."""
+    n_concepts, n_statements = len(data.all_concepts()), len(data.load_statements())
+    extract_s = power_law(costs["counts"], costs["extract"], n_statements)
+    fit_s = len(SETTINGS) * power_law(costs["counts"], costs["fit"], n_statements)
+    per_concept = extract_s + fit_s + costs["generate"] + costs["judge"]
+    table.add("projection", name, "01 full profile", n_concepts * per_concept / 3600, "h",
+              f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s, "
+              f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; power-law fits)")
+
+
+def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool) -> pd.DataFrame:
+    """All measurements for the given models; the first model also gets the RFM and memory sections."""
+    table = Table()
+    device = models.resolve_device("auto")
+    table.add("peak", device, "matmul fp32", matmul_peak(torch.float32, 2048, device), "GFLOP/s", "2048^3, best of 3")
+    table.add("peak", device, "matmul bf16", matmul_peak(torch.bfloat16, 1024 if device == "cpu" else 4096, device, 1),
+              "GFLOP/s", "best of 1 (slow without avx512_bf16)" if device == "cpu" else "4096^3")
+    grader = None
+    for i, name in enumerate(models_):
+        model, tokenizer, info = models.load_model(name)
+        if i == 0:
+            # First, before any generate/judge call: after those, MKL's batched LU failed on these random
+            # Gaussian matrices in this process (twice, not reproducible in isolation; real fits never did).
+            bench_rfm(table, name, info.hidden_size, (64, 128, 256, 512, 1024))
+            grader = judge.load_judge("embedding")
+        table.add("model", name, "dtype", 16 if "16" in info.dtype else 32, "bits", f"{info.dtype} on {info.device}")
+        bench_extraction(table, name, model, tokenizer, reference_statements)
+        costs = bench_stages(table, name, model, tokenizer, counts, grader)
+        project_full(table, name, costs)
+        if i == 0 and rss:
+            table.add("memory", name, "peak RSS, one default-profile concept", peak_rss(name), "GiB", "fresh process")
+        notebook_times(table, name)
+        del model
+    frame = table.frame()
+    peaks = frame[frame.section == "peak"].set_index("quantity").value
+    for row in frame[frame.quantity == "achieved"].itertuples():
+        for dtype in ("fp32", "bf16"):
+            table.add("extraction", row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"],
+                      "%", "")
+    table.add("machine", device, "threads", torch.get_num_threads(), "", f"torch {torch.__version__}, "
+              f"{resource.getpagesize()} B pages, {time.strftime('%Y-%m-%d')}")
+    return table.frame()
+
+
+def plot(frame: pd.DataFrame):
+    """Four panels: extraction throughput, stage cost vs statements, RFM vs examples, notebook wall times."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    plots.set_style()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4), layout="constrained")
+    ext = frame[(frame.section == "extraction") & (frame.unit == "prompts/s")]
+    sns.barplot(ext, x="model", y="value", hue="quantity", ax=axes[0])
+    axes[0].set(yscale="log", ylabel="prompts / s (log)", xlabel="", title="Extraction throughput")
+    axes[0].legend(title=None, fontsize=7)
+    stages = frame[frame.section == "stage vs statements"].assign(
+        statements=lambda t: t.note.str.split().str[0].astype(int))
+    sns.lineplot(stages, x="statements", y="value", hue="quantity", style="model", marker="o", ax=axes[1])
+    axes[1].set(ylabel="seconds per concept", title="Cost vs training statements")
+    axes[1].legend(title=None, fontsize=7)
+    rfm = frame[frame.section == "rfm vs examples"].assign(examples=lambda t: t.note.str.split().str[0].astype(int))
+    sns.lineplot(rfm, x="examples", y="value", marker="o", ax=axes[2])
+    axes[2].set(xscale="log", yscale="log", ylabel="seconds (log)", xlabel="training examples (log)",
+                title="RFM fit, one block")
+    nb = frame[(frame.section == "make all") & (frame.quantity != "total")]
+    if len(nb):
+        sns.barplot(nb, x="model", y="value", hue="quantity", ax=axes[3])
+        axes[3].legend(title=None, fontsize=7)
+    axes[3].set(ylabel="minutes", xlabel="", title="make all (default profile)")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: python -m steer_utils.bench [--models ...]."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--statements", type=int, nargs="+", default=[16, 32, 64, 128], help="statement counts")
+    parser.add_argument("--reference-statements", type=int, default=32, help="statements in the reference comparison")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
+    args = parser.parse_args(argv)
+    frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(RESULTS_DIR / "bench.csv", index=False)
+    plots.save_figure(plot(frame), FIGURES_DIR, "bench")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 500):
+        print(frame.assign(value=frame.value.round(3)).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
