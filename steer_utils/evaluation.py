@@ -24,6 +24,7 @@ CONCEPT_KEYS = ("setting", "concept_class", "concept")
 QUESTION_KEYS = (*CONCEPT_KEYS, "question_id")
 PROTOCOLS = ("best_of_grid", "held_out")
 ALL = "all"
+DRAW_SUFFIX = r"-d\d+$"  # marks repeated random draws of one setting: 'random-25%-d0', 'random-25%-d1', ...
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -271,7 +272,7 @@ def steerability_by(scored: pd.DataFrame, column: str, protocol: str = "best_of_
     return pd.concat(parts, ignore_index=True)
 
 
-def average_draws(concept_df: pd.DataFrame, suffix: str = r"-d\d+$") -> pd.DataFrame:
+def average_draws(concept_df: pd.DataFrame, suffix: str = DRAW_SUFFIX) -> pd.DataFrame:
     """Merge settings that differ only by a draw suffix ('random-25%-d0', 'random-25%-d1', ...) into one row per
     concept: mean `steerability` over draws; `steered_any` by majority (a tie counts as not steered)."""
     _require(concept_df, ["setting", "concept_class", "concept", "steerability", "steered_any"], "Concept table")

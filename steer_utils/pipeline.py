@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, enrichment, labels, selection, steering, vectors
+from . import data, enrichment, evaluation, labels, selection, steering, vectors
 from .cache import atomic_write, cache_key
 from .extraction import Activations, extract_cached, user_layout
 from .paths import CACHE_DIR, model_slug
@@ -100,6 +100,14 @@ def fit_setting(acts: ConceptActivations, setting: Setting, model_name: str, see
     return vector, table
 
 
+def _run_inputs(model, model_name: str, concept_class: str, concept: str, statements: list[str], questions: list[str],
+                coefficients, max_new_tokens: int, seed: int) -> dict:
+    """What a concept's steered generations depend on, for their cache keys."""
+    return dict(model=model_name, dtype=str(next(model.parameters()).dtype), concept=[concept_class, concept],
+                statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(), questions=list(questions),
+                coefficients=list(coefficients), max_new_tokens=max_new_tokens, seed=seed)
+
+
 def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                 questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
                 max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -113,9 +121,8 @@ def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: 
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
     blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
-    common = dict(model=model_name, dtype=str(next(model.parameters()).dtype), concept=[concept_class, concept],
-                  statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(), questions=list(questions),
-                  coefficients=list(coefficients), blocks=blocks, max_new_tokens=max_new_tokens, seed=seed)
+    common = _run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
+                         max_new_tokens, seed) | dict(blocks=blocks)
     folder = CACHE_DIR / "generations" / model_slug(model_name)
     keys = {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
     gen_path = {name: folder / f"{key}.csv" for name, key in keys.items()}
@@ -243,10 +250,9 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
-    key = cache_key("layers", PIPELINE_VERSION, model=model_name, dtype=str(next(model.parameters()).dtype),
-                    concept=[concept_class, concept], statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(),
-                    questions=list(questions), setting=setting, fractions=list(fractions), n_random=n_random,
-                    coefficients=list(coefficients), max_new_tokens=max_new_tokens, seed=seed, **enrichment_kwargs)
+    key = cache_key("layers", PIPELINE_VERSION, setting=setting, fractions=list(fractions), n_random=n_random,
+                    **_run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
+                                  max_new_tokens, seed), **enrichment_kwargs)
     folder = CACHE_DIR / "layers" / model_slug(model_name)
     gen_path, enrich_path = folder / f"{key}.csv", folder / f"{key}.enrichment.csv"
     if not gen_path.exists():
@@ -261,7 +267,7 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
                                       sets, max_new_tokens, scales)
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
-        grid.insert(3, "block_set", grid.setting.str.replace(r"-d\d+$", "", regex=True))
+        grid.insert(3, "block_set", grid.setting.str.replace(evaluation.DRAW_SUFFIX, "", regex=True))
         grid.insert(4, "n_steered", grid.setting.map(lambda s: len(sets[s])))
         grid.insert(6, "eps", grid.coefficient * grid.setting.map(scales))
         grid["blocks"] = grid.setting.map(lambda s: " ".join(map(str, sets[s])))
