@@ -8,9 +8,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-MODELS ?= smollm2-135m
+MODELS ?= smollm2-135m gemma3-270m
 PROFILE ?= default
 BENCH_MODELS ?= smollm2-135m gemma3-270m
+# Sharding (see steer_utils/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
+SHARD_INDEX ?= 0
+NUM_SHARDS ?= 1
+NOTEBOOK ?=
 KERNEL := steer-utils
 
 BIN := $(VENV)/bin
@@ -22,13 +26,31 @@ STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 NB_NAMES := $(basename $(notdir $(NOTEBOOKS)))
+# Notebooks that compare models: run once over every model in MODELS, not once per model.
+CROSS_MODEL := 04_multi_model_scaling
+PER_MODEL := $(filter-out $(CROSS_MODEL),$(NB_NAMES))
 # Tests and nbval write outputs here, never over the committed results/ and figures/.
 TEST_OUT := cache/test-outputs
+# Non-empty when NUM_SHARDS is not 1: the notebook rule then runs one shard.
+SHARDED := $(filter-out 1,$(strip $(NUM_SHARDS)))
+SHARD_GUARD = grep -qE '\bnum_shards *=' notebooks/$@.ipynb || \
+	{ echo "$@ has no num_shards parameter, so it cannot be sharded; run it without NUM_SHARDS." >&2; exit 1; }
+comma := ,
 
-.PHONY: help install all bench test test-unit test-notebooks lock clean clean-cache $(NB_NAMES)
+ifneq ($(filter merge,$(MAKECMDGOALS)),)
+ifeq ($(strip $(NOTEBOOK)),)
+$(error Set NOTEBOOK to the sharded notebook, e.g. make merge NOTEBOOK=01_token_selection NUM_SHARDS=4)
+endif
+ifeq ($(filter $(NOTEBOOK),$(NB_NAMES)),)
+$(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES))
+endif
+endif
+
+.PHONY: help install all merge bench test test-unit test-notebooks lock clean clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
+	@echo "       [SHARD_INDEX=0 NUM_SHARDS=4] (one shard of a notebook) [NOTEBOOK=01_token_selection] (merge)"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  \1\t\2/' | expand -t 24
 	@echo "  one notebook:         $(NB_NAMES)"
 
@@ -42,15 +64,35 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
-all: $(NB_NAMES) ## Run every numbered notebook for each model in MODELS with PROFILE (default: default)
+all: $(NB_NAMES) ## Run every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS)
 
-$(NB_NAMES): %: $(STAMP)
+$(PER_MODEL): %: $(STAMP)
+	$(if $(SHARDED),,$(if $(filter-out 0,$(SHARD_INDEX)),$(error SHARD_INDEX=$(SHARD_INDEX) needs NUM_SHARDS too, e.g. NUM_SHARDS=4)))
+	$(if $(SHARDED),@$(SHARD_GUARD))
 	@for m in $(MODELS); do \
 		slug=$$(printf '%s' "$$m" | sed -E 's#/+$$##; s#/#--#g; s#^[.-]+##'); \
-		mkdir -p runs/$$slug; \
-		echo "== $@ [$$m, $(PROFILE)] -> runs/$$slug/$@.ipynb"; \
+		mkdir -p runs/$$slug$(if $(SHARDED),/shards); \
+		echo "== $@ [$$m, $(PROFILE)$(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))] -> runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb"; \
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$@.ipynb runs/$$slug/$@.ipynb -p model "$$m" -p profile $(PROFILE); \
+			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb -p model "$$m" -p profile $(PROFILE)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
+	done
+
+$(CROSS_MODEL): %: $(STAMP)
+	$(if $(SHARDED),$(error $@ compares models from their results and is not sharded; run it without NUM_SHARDS))
+	@mkdir -p runs
+	@echo "== $@ [$(MODELS)] -> runs/$@.ipynb"
+	$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar notebooks/$@.ipynb runs/$@.ipynb \
+		-y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"
+
+merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
+	@for m in $(MODELS); do \
+		slug=$$(printf '%s' "$$m" | sed -E 's#/+$$##; s#/#--#g; s#^[.-]+##'); \
+		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE); \
+		mkdir -p runs/$$slug; \
+		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK).ipynb"; \
+		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
+			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK).ipynb -p model "$$m" -p profile $(PROFILE); \
+		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS); \
 	done
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*

@@ -236,3 +236,20 @@ def data_summary(lengths: pd.DataFrame, sample: pd.DataFrame, statements: pd.Dat
     summary["n_tail"] = len(tail)
     summary["tail"] = " ".join(tail)
     return summary.round(3).reset_index()
+
+
+def shard_concepts(sample: pd.DataFrame, shard_index: int, num_shards: int) -> pd.DataFrame:
+    """Shard `shard_index` of `num_shards`: the sample's rows i with i % num_shards == shard_index, in order.
+
+    Round-robin over the stratified sample, so every shard mixes the classes and the shards
+    together hold every concept exactly once. `num_shards == 1` returns (a copy of) the sample.
+    """
+    from .paths import check_shard
+
+    shard_index, num_shards = check_shard(shard_index, num_shards)
+    if num_shards > len(sample):
+        raise ValueError(f"num_shards={num_shards} exceeds the {len(sample)} concepts of the sample, so some shards "
+                         f"would be empty; use at most {len(sample)} shards.")
+    if num_shards == 1:
+        return sample.copy()
+    return sample.iloc[shard_index::num_shards].reset_index(drop=True)

@@ -5,6 +5,7 @@ variables, so tests and notebook checks never overwrite the committed outputs.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -26,15 +27,40 @@ def model_slug(model: str) -> str:
     return model.strip().rstrip("/").replace("\\", "/").replace("/", "--").lstrip(".-") or "model"
 
 
-def results_dir(model: str) -> Path:
-    """`results/<model>/`, created if missing."""
-    path = RESULTS_DIR / model_slug(model)
+def check_shard(shard_index: int, num_shards: int) -> tuple[int, int]:
+    """`(shard_index, num_shards)` as ints, or a ValueError saying which papermill parameter to fix."""
+    for name, value in (("num_shards", num_shards), ("shard_index", shard_index)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"Parameter {name} must be an integer, got {value!r} ({type(value).__name__}); "
+                             f"pass it as e.g. `-p {name} 2` (make: SHARD_INDEX=2 NUM_SHARDS=4).")
+    shard_index, num_shards = int(shard_index), int(num_shards)
+    if num_shards < 1:
+        raise ValueError(f"Parameter num_shards must be at least 1, got {num_shards}; use 1 for an unsharded run.")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"Parameter shard_index must be in 0..{num_shards - 1} for num_shards={num_shards}, "
+                         f"got {shard_index}; shards are numbered from 0.")
+    return shard_index, num_shards
+
+
+def shard_name(shard_index: int, num_shards: int) -> str:
+    """The folder name of one shard, e.g. '2-of-4' (shards are numbered from 0)."""
+    shard_index, num_shards = check_shard(shard_index, num_shards)
+    return f"{shard_index}-of-{num_shards}"
+
+
+def _output_dir(root: Path, model: str, shard_index: int, num_shards: int) -> Path:
+    path = root / model_slug(model)
+    if check_shard(shard_index, num_shards)[1] > 1:
+        path = path / "shards" / shard_name(shard_index, num_shards)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def figures_dir(model: str) -> Path:
-    """`figures/<model>/`, created if missing."""
-    path = FIGURES_DIR / model_slug(model)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def results_dir(model: str, shard_index: int = 0, num_shards: int = 1) -> Path:
+    """`results/<model>/` (or `results/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing."""
+    return _output_dir(RESULTS_DIR, model, shard_index, num_shards)
+
+
+def figures_dir(model: str, shard_index: int = 0, num_shards: int = 1) -> Path:
+    """`figures/<model>/` (or `figures/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing."""
+    return _output_dir(FIGURES_DIR, model, shard_index, num_shards)

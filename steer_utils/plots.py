@@ -164,3 +164,48 @@ def plot_top_block_depth(sets) -> plt.Figure:
                  bins=[i / 10 for i in range(11)], ax=ax)
     ax.set(xlabel="normalised depth of a selected block", ylabel="share of selected blocks", xlim=(0, 1))
     return fig
+
+
+def plot_models_steerability(table, settings: list[str], title: str = "") -> plt.Figure:
+    """One panel per model: steerability per class for each setting, with 95% bootstrap CIs."""
+    models = list(dict.fromkeys(table.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.4), sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        plot_steerability(table[table.model == model], settings, ax=ax, title=f"{model} {title}".strip())
+    return fig
+
+
+def plot_soft_label_gain(gain) -> plt.Figure:
+    """Soft minus hard label steerability per class and model, with paired-bootstrap 95% CIs."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    models = list(dict.fromkeys(gain.model))
+    classes = list(dict.fromkeys(gain.concept_class))
+    palette = sns.color_palette("deep", len(models))
+    for k, model in enumerate(models):
+        rows = gain[gain.model == model].set_index("concept_class").loc[classes]
+        x = [i + (k - (len(models) - 1) / 2) * 0.2 for i in range(len(classes))]
+        ax.errorbar(x, rows["diff"], yerr=[rows["diff"] - rows.ci_low, rows.ci_high - rows["diff"]], fmt="o",
+                    color=palette[k], capsize=2, label=model)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set(xlabel="concept class", ylabel="soft − hard steerability")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_depth_profiles(profile, value: str = "score") -> plt.Figure:
+    """Mean enrichment per normalised-depth bin, one line per model."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.lineplot(profile, x="depth_bin", y=value, hue="model", marker="o", ax=ax)
+    ax.set(xlabel="normalised depth (block / last block)", ylabel=f"mean enrichment ({value})", xlim=(0, 1))
+    ax.legend(title=None, fontsize=7)
+    return fig
+
+
+def plot_working_coefficients(table) -> plt.Figure:
+    """Share of steered (concept, question) pairs per smallest scoring eps, per model."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    sns.barplot(table, x="coefficient", y="share", hue="model", ax=ax)
+    ax.set(xlabel="smallest eps that steered (relative to block norm)", ylabel="share of steered pairs", ylim=(0, 1.05))
+    ax.legend(title=None, fontsize=7)
+    return fig

@@ -78,8 +78,9 @@ def steer(model: nn.Module, additions: dict[int, torch.Tensor]) -> Iterator[None
 
 
 def clean_response(text: str) -> str:
-    """Strip whitespace and cut a plain-template continuation at the next 'User:' turn."""
-    return text.split("\nUser:")[0].strip()
+    """Strip whitespace, turn carriage returns into newlines (a bare '\\r' is not quoted by `to_csv` but splits
+    rows in `read_csv`) and cut a plain-template continuation at the next 'User:' turn."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\nUser:")[0].strip()
 
 
 @torch.inference_mode()

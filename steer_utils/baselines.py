@@ -1,0 +1,256 @@
+"""Baselines beside ours on the same concepts, questions, judge and coefficient protocol (notebook 05).
+
+Methods (the `setting` column of the generations):
+- `prompting`: the concept prefix in the user prompt, no steering (an upper bound, one setting);
+- `mean-difference`: CAA-style, mean prefixed minus mean unprefixed hidden state at the last token;
+- `prior`: fixed token + hard labels + RFM (notebook 01's `fixed-hard-rfm`);
+- `ours`: attention-guided token + soft labels + RFM, steered through the block set chosen from notebook 03;
+- `sadi-{head|hidden}-{last|all}`: SADI (`sadi.py`), faithful (last prompt token) and adapted (all positions).
+Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); SADI's grid is its (K, delta) settings
+tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank (1 = best).
+Every (concept, method) is cached like notebook 01's generations.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import data, extraction, paths, pipeline, sadi, steering
+from .cache import atomic_write, cache_key, cached_tensors
+from .paths import CACHE_DIR, model_slug
+
+BASELINES_VERSION = 1
+VECTOR_METHODS = {"mean-difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
+SADI_VARIANTS = {f"sadi-{site}-{where}": (site, where) for site in sadi.SITES for where in sadi.POSITIONS}
+METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
+K_GRID = {"head": (1, 4, 10), "hidden": (1, 5, 20)}  # elements kept by the SADI mask, per site
+DELTA_GRID = (5.0, 20.0, 80.0)  # SADI scaling a' = a + delta * a
+OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 that `ours` may use
+
+
+def ours_block_set(model_name: str, block_set: str = "auto", protocol: str = "held_out",
+                   candidates: tuple[str, ...] = OURS_CANDIDATES) -> str:
+    """The block set `ours` steers: `block_set` itself, or ("auto") the candidate with the highest overall
+    steerability in notebook 03's table for this model (ties: the first listed)."""
+    if block_set != "auto":
+        if block_set not in candidates:
+            raise ValueError(f"Unknown block set '{block_set}' for ours; use 'auto' or one of: {', '.join(candidates)}.")
+        return block_set
+    path = paths.results_dir(model_name) / "03_steerability.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' is missing; run notebook 03 for {model_name} first, or give block_set "
+                                f"as one of: {', '.join(candidates)}.")
+    table = pd.read_csv(path)
+    rows = table[(table.protocol == protocol) & (table.concept_class == "all")].set_index("setting")
+    rows = rows.reindex([c for c in candidates if c in rows.index])
+    if rows.empty:
+        raise ValueError(f"'{path}' has no rows for block sets {list(candidates)}; rerun notebook 03.")
+    return str(rows.steerability.idxmax())
+
+
+def tuning_concepts(n_reported: int, n_tuning: int, seed: int = 0) -> pd.DataFrame:
+    """Held-out concepts for tuning SADI: per class, the `n_tuning` concepts of the seeded sample that follow the
+    `n_reported` ones notebook 05 reports (disjoint from them by construction)."""
+    if not isinstance(n_tuning, int) or isinstance(n_tuning, bool) or n_tuning < 1:
+        raise ValueError(f"tune_concepts_per_class must be a positive integer, got {n_tuning!r}.")
+    larger = data.sample_concepts(n_reported + n_tuning, seed=seed)
+    reported = data.sample_concepts(n_reported, seed=seed)
+    keys = ["concept_class", "concept"]
+    held_out = larger.merge(reported[keys], on=keys, how="left", indicator=True)
+    return held_out[held_out._merge == "left_only"].drop(columns="_merge").reset_index(drop=True)
+
+
+def _cached_grid(name: str, key_inputs: dict, generate) -> pd.DataFrame:
+    """Generations of one (concept, method) from cache/baselines/<model>/, or `generate()` them and cache."""
+    key = cache_key("baselines", BASELINES_VERSION, method=name, **key_inputs)
+    path = CACHE_DIR / "baselines" / model_slug(key_inputs["model"]) / f"{key}.csv"
+    if not path.exists():
+        grid = generate()
+        atomic_write(path, lambda tmp: grid.to_csv(tmp, index=False))
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def _rows(concept_class: str, concept: str, setting: str, coefficients, questions, responses, **extra) -> pd.DataFrame:
+    rows = [(c, q) for c in coefficients for q in range(len(questions))]
+    return pd.DataFrame({"concept_class": concept_class, "concept": concept, "setting": setting,
+                         "coefficient": [c for c, _ in rows], "question_id": [q for _, q in rows],
+                         "question": [questions[q] for _, q in rows], "response": responses,
+                         **{k: [v[i] for i, _ in enumerate(coefficients) for _ in questions] for k, v in extra.items()}})
+
+
+def prompting_grid(model, tokenizer, concept_class: str, concept: str, questions: list[str],
+                   max_new_tokens: int = 50) -> pd.DataFrame:
+    """Unsteered answers to the questions with the concept prefix in the user prompt (coefficient 0)."""
+    prefix = data.prefix_text(concept_class, concept)
+    responses = steering.generate(model, tokenizer, [f"{prefix} {q}" for q in questions], None, max_new_tokens)
+    return _rows(concept_class, concept, "prompting", [0.0], questions, responses)
+
+
+def sadi_activations(model, tokenizer, model_name: str, user_messages: list[str], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Last-token activations of every SADI site for a list of user messages, cached per model and messages
+    (the unprefixed statements are recorded once per model and serve every concept)."""
+    key = cache_key("sadi", BASELINES_VERSION, model=model_name, dtype=str(next(model.parameters()).dtype),
+                    messages=hashlib.sha256("\n".join(user_messages).encode()).hexdigest())
+    return cached_tensors(f"sadi/{model_slug(model_name)}", key,
+                          lambda: sadi.record_last_token(model, tokenizer, user_messages, sadi.SITES, batch_size))
+
+
+def sadi_masks(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
+               ks: dict[str, list[int]]) -> dict[str, dict[int, torch.Tensor]]:
+    """SADI masks {site: {K: (n_blocks, n_elements) bool}} from the last-token activations of the paired training
+    prompts (prefixed vs unprefixed), for the Ks wanted at each site."""
+    prefix = data.prefix_text(concept_class, concept)
+    prefixed = sadi_activations(model, tokenizer, model_name, [data.user_text(s, prefix) for s in statements])
+    plain = sadi_activations(model, tokenizer, model_name, [data.user_text(s) for s in statements])
+    return {site: {k: sadi.sadi_mask(prefixed[site], plain[site], k) for k in sorted(set(site_ks))}
+            for site, site_ks in ks.items()}
+
+
+def sadi_grid(model, tokenizer, concept_class: str, concept: str, questions: list[str], variant: str,
+              settings: list[tuple[int, float]], masks: dict[int, torch.Tensor], max_new_tokens: int = 50) -> pd.DataFrame:
+    """One SADI variant's (K, delta) settings × questions for one concept; `coefficient` = the setting's rank."""
+    site, where = SADI_VARIANTS[variant]
+    rows = [(k, d, q) for k, d in settings for q in questions]
+    responses = sadi.generate_sadi(model, tokenizer, [q for _, _, q in rows], [masks[k] for k, _, _ in rows],
+                                   [d for _, d, _ in rows], site, where, max_new_tokens)
+    return _rows(concept_class, concept, variant, list(range(1, len(settings) + 1)), questions, responses,
+                 k=[k for k, _ in settings], delta=[d for _, d in settings])
+
+
+def _ks(settings: dict[str, list[tuple[int, float]]]) -> dict[str, list[int]]:
+    """The Ks each site needs for these variants' settings."""
+    ks: dict[str, list[int]] = {}
+    for variant, grid in settings.items():
+        ks.setdefault(SADI_VARIANTS[variant][0], []).extend(k for k, _ in grid)
+    return ks
+
+
+def tuning_settings(k_grid: dict[str, tuple[int, ...]] = K_GRID, deltas=DELTA_GRID) -> dict[str, list[tuple[int, float]]]:
+    """Every (K, delta) of the tuning grid, per SADI variant."""
+    return {v: [(k, float(d)) for k in k_grid[site] for d in deltas] for v, (site, _) in SADI_VARIANTS.items()}
+
+
+def run_sadi(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+             questions: dict[str, list[str]], settings: dict[str, list[tuple[int, float]]], max_new_tokens: int = 50,
+             seed: int = 0) -> pd.DataFrame:
+    """`sadi_grid` for every concept of a sample and every variant in `settings` (cached per concept and variant)."""
+    grids = []
+    for row in tqdm(list(sample.itertuples()), desc="SADI"):
+        inputs = pipeline._run_inputs(model, model_name, row.concept_class, row.concept, statements,
+                                      questions[row.concept_class], [], max_new_tokens, seed)
+        masks: dict[str, dict[int, torch.Tensor]] = {}  # built once per concept, and only if a grid is not cached
+
+        def site_masks(site: str) -> dict[int, torch.Tensor]:
+            if not masks:
+                masks.update(sadi_masks(model, tokenizer, model_name, row.concept_class, row.concept, statements,
+                                        _ks(settings)))
+            return masks[site]
+
+        for variant, grid in settings.items():
+            grids.append(_cached_grid(variant, inputs | dict(settings=grid), lambda: sadi_grid(
+                model, tokenizer, row.concept_class, row.concept, questions[row.concept_class], variant, grid,
+                site_masks(SADI_VARIANTS[variant][0]), max_new_tokens)))
+    return pd.concat(grids, ignore_index=True)
+
+
+def best_sadi_settings(scored: pd.DataFrame, n_settings: int = len(pipeline.COEFFICIENTS)) -> dict[str, list[tuple[int, float]]]:
+    """Per variant, the `n_settings` (K, delta) with the highest mean judge score on the tuning concepts
+    (ties: smaller delta, then smaller K), best first."""
+    means = scored.groupby(["setting", "k", "delta"]).score.mean().rename("mean").reset_index()
+    means = means.sort_values(["setting", "mean", "delta", "k"], ascending=[True, False, True, True], kind="stable")
+    ranked = {v: [(int(k), float(d)) for k, d in zip(rows.k, rows.delta)][:n_settings]
+              for v, rows in means.groupby("setting", sort=False)}
+    return {v: ranked[v] for v in SADI_VARIANTS if v in ranked}
+
+
+def tuning_table(scored: pd.DataFrame, chosen: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
+    """Mean tuning score per variant and (K, delta), with the eval rank of the chosen settings (0 = not chosen)."""
+    table = scored.groupby(["setting", "k", "delta"]).score.mean().rename("mean_score").reset_index()
+    rank = {(v, k, d): i + 1 for v, grid in chosen.items() for i, (k, d) in enumerate(grid)}
+    table["eval_rank"] = [rank.get((v, k, d), 0) for v, k, d in zip(table.setting, table.k, table.delta)]
+    return table
+
+
+def baseline_generations(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
+                         questions: dict[str, list[str]], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
+                         max_new_tokens: int = 50, seed: int = 0) -> pd.DataFrame:
+    """Every method's generations for a sample, `setting` = method name, in METHODS order."""
+    parts = []
+    for row in tqdm(list(sample.itertuples()), desc="baselines"):
+        qs = questions[row.concept_class]
+        inputs = pipeline._run_inputs(model, model_name, row.concept_class, row.concept, statements, qs, [0.0],
+                                      max_new_tokens, seed)
+        parts.append(_cached_grid("prompting", inputs, lambda: prompting_grid(
+            model, tokenizer, row.concept_class, row.concept, qs, max_new_tokens)))
+        vectors, _ = pipeline.run_concept(model, tokenizer, model_name, row.concept_class, row.concept, statements, qs,
+                                          [pipeline.Setting.parse(s) for s in VECTOR_METHODS.values()],
+                                          max_new_tokens=max_new_tokens, seed=seed)
+        parts.append(vectors.replace({"setting": {v: k for k, v in VECTOR_METHODS.items()}}))
+        ours, _ = pipeline.run_layer_selection(model, tokenizer, model_name, row.concept_class, row.concept, statements,
+                                               qs, max_new_tokens=max_new_tokens, seed=seed)
+        parts.append(ours[ours.setting == block_set].assign(setting="ours"))
+    parts.append(run_sadi(model, tokenizer, model_name, sample, statements, questions, sadi_settings, max_new_tokens,
+                          seed))
+    table = pd.concat(parts, ignore_index=True)
+    table["setting"] = pd.Categorical(table.setting, categories=list(METHODS), ordered=True)
+    return table.sort_values("setting", kind="stable").astype({"setting": str}).reset_index(drop=True)  # sample order kept
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
+               questions: list[str], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
+               max_new_tokens: int = 50, seed: int = 0) -> pd.DataFrame:
+    """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
+    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
+    tail_ids = data.shared_tail(prefixed + plain)
+
+    def activations():
+        return pipeline.ConceptActivations(
+            concept_class, concept,
+            extraction.extract(model, prefixed, len(tail_ids), tokenizer.pad_token_id, keep_user_attention=True),
+            extraction.extract(model, plain, len(tail_ids), tokenizer.pad_token_id),
+            data.tail_token_names(tokenizer, tail_ids), *extraction.user_layout(prefixed))
+
+    acts, extract_s = _timed(activations)
+    coefficients = list(pipeline.COEFFICIENTS)
+    rows = [{"method": "prompting", "extract_s": 0.0, "fit_s": 0.0, "n_generations": len(questions),
+             "generate_s": _timed(lambda: prompting_grid(model, tokenizer, concept_class, concept, questions,
+                                                         max_new_tokens))[1]}]
+    for method, setting in (*VECTOR_METHODS.items(), ("ours", "attention-soft-rfm")):
+        blocks = steering.default_blocks(acts.prefixed.hidden.shape[1])
+        scale = 1.0
+        fit_start = time.perf_counter()
+        if method == "ours" and block_set != "all":
+            table = pipeline.concept_enrichment(acts, seed=seed)
+            sets = pipeline.block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()),
+                                       n_random=0, seed=seed)
+            blocks, scale = sets[block_set], len(blocks) / len(sets[block_set])
+        vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse(setting), model_name, seed)
+        fit_s = time.perf_counter() - fit_start
+        generate_s = _timed(lambda: steering.generate_grid(model, tokenizer, {method: vector}, questions, coefficients,
+                                                           blocks, max_new_tokens, {method: scale}))[1]
+        rows.append({"method": method, "extract_s": extract_s, "fit_s": fit_s,
+                     "n_generations": len(coefficients) * len(questions), "generate_s": generate_s})
+    prefix = data.prefix_text(concept_class, concept)
+    messages = {"prefixed": [data.user_text(s, prefix) for s in statements], "plain": [data.user_text(s) for s in statements]}
+    recorded, record_s = _timed(lambda: {k: sadi.record_last_token(model, tokenizer, m) for k, m in messages.items()})
+    for variant, grid in sadi_settings.items():
+        site = SADI_VARIANTS[variant][0]
+        masks, mask_s = _timed(lambda: {k: sadi.sadi_mask(recorded["prefixed"][site], recorded["plain"][site], k)
+                                        for k, _ in grid})
+        generate_s = _timed(lambda: sadi_grid(model, tokenizer, concept_class, concept, questions, variant, grid, masks,
+                                              max_new_tokens))[1]
+        rows.append({"method": variant, "extract_s": record_s, "fit_s": mask_s,
+                     "n_generations": len(grid) * len(questions), "generate_s": generate_s})
+    table = pd.DataFrame(rows)
+    table["total_s"] = table.extract_s + table.fit_s + table.generate_s
+    return table.round(3)

@@ -1,0 +1,147 @@
+"""Baselines (notebook 05) and the cross-model tables (notebook 04), without the bundled models."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from steer_utils import baselines, cache, data, models, pipeline, scaling
+
+
+def test_tuning_concepts_are_disjoint_from_the_reported_ones():
+    reported = data.sample_concepts(3, seed=0)
+    tuning = baselines.tuning_concepts(3, 2, seed=0)
+    keys = ["concept_class", "concept"]
+    assert len(tuning) == 2 * len(data.CLASSES)
+    assert tuning.groupby("concept_class").size().eq(2).all()
+    assert reported.merge(tuning[keys], on=keys).empty
+    assert tuning.equals(baselines.tuning_concepts(3, 2, seed=0))
+    with pytest.raises(ValueError, match="tune_concepts_per_class"):
+        baselines.tuning_concepts(3, 0)
+
+
+def test_best_sadi_settings_rank_by_tuning_score_with_ties_to_smaller_delta():
+    rows = [("sadi-head-last", k, d, s) for k, d, s in [(1, 5.0, 0), (1, 20.0, 1), (4, 5.0, 1), (4, 20.0, 1), (10, 80.0, 0)]]
+    scored = pd.DataFrame(rows, columns=["setting", "k", "delta", "score"])
+    chosen = baselines.best_sadi_settings(scored, n_settings=3)
+    assert chosen == {"sadi-head-last": [(4, 5.0), (1, 20.0), (4, 20.0)]}
+    table = baselines.tuning_table(scored, chosen)
+    assert table.set_index(["k", "delta"]).eval_rank.to_dict() == {(1, 5.0): 0, (1, 20.0): 2, (4, 5.0): 1,
+                                                                     (4, 20.0): 3, (10, 80.0): 0}
+
+
+def test_tuning_grid_covers_every_variant_and_setting():
+    grid = baselines.tuning_settings()
+    assert set(grid) == set(baselines.SADI_VARIANTS)
+    assert all(len(v) == len(baselines.DELTA_GRID) * 3 for v in grid.values())
+    assert set(baselines.METHODS) >= {"prompting", "mean-difference", "prior", "ours"}
+
+
+def test_ours_block_set_reads_notebook_03_or_checks_the_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(baselines.paths, "RESULTS_DIR", tmp_path)
+    assert baselines.ours_block_set("m", "top-25%") == "top-25%"
+    with pytest.raises(ValueError, match="Unknown block set 'bottom-25%'"):
+        baselines.ours_block_set("m", "bottom-25%")
+    with pytest.raises(FileNotFoundError, match="run notebook 03"):
+        baselines.ours_block_set("m")
+    table = pd.DataFrame({"protocol": ["held_out"] * 4 + ["best_of_grid"], "concept_class": "all",
+                          "setting": ["all", "top-25%", "top-50%", "bottom-25%", "top-50%"],
+                          "steerability": [0.1, 0.3, 0.2, 0.9, 1.0]})
+    (tmp_path / "m").mkdir(exist_ok=True)
+    table.to_csv(tmp_path / "m" / "03_steerability.csv", index=False)
+    assert baselines.ours_block_set("m") == "top-25%"  # bottom sets are never candidates; held-out protocol
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    model, tokenizer, _ = tiny
+    questions = ["What do you see?", "Where are you?"]
+    prompted = baselines.prompting_grid(model, tokenizer, "moods", "Cheerful", questions, max_new_tokens=3)
+    assert list(prompted.setting.unique()) == ["prompting"] and prompted.coefficient.eq(0).all()
+    assert prompted.question.tolist() == questions  # the judge sees the question, not the prefix
+    settings = [(1, 5.0), (2, 20.0)]
+    statements = ["The sea is calm.", "Cats sleep a lot."]
+    masks = baselines.sadi_masks(model, tokenizer, "tiny", "moods", "Cheerful", statements, {"head": [1, 2, 2]})
+    assert sorted(masks) == ["head"] and [int(m.sum()) for m in masks["head"].values()] == [1, 2]
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # prefixed and plain recordings, cached
+    again = baselines.sadi_masks(model, tokenizer, "tiny", "moods", "Cheerful", statements, {"head": [1, 2]})
+    assert all(torch.equal(again["head"][k], masks["head"][k]) for k in (1, 2))
+    grid = baselines.sadi_grid(model, tokenizer, "moods", "Cheerful", questions, "sadi-head-last", settings,
+                               masks["head"], max_new_tokens=3)
+    assert grid.coefficient.tolist() == [1, 1, 2, 2] and grid.k.tolist() == [1, 1, 2, 2]
+    assert grid.delta.tolist() == [5.0, 5.0, 20.0, 20.0] and grid.question_id.tolist() == [0, 1, 0, 1]
+
+
+def results_tree(root, models_):
+    for i, model in enumerate(models_):
+        folder = root / model
+        folder.mkdir(parents=True)
+        pd.DataFrame({"protocol": "best_of_grid", "setting": ["fixed-hard-rfm", "attention-soft-rfm", "attention-hard-rfm"],
+                      "concept_class": "all", "steerability": [0.1, 0.3 + i / 10, 0.2], "ci_low": 0.0, "ci_high": 1.0,
+                      "n_concepts": 2}).to_csv(folder / "01_steerability.csv", index=False)
+        pd.DataFrame({"block": range(4), "depth": [0, 1 / 3, 2 / 3, 1], "score": [0.0, 0.5, 1.0, 0.0],
+                      "score_fdr": 0.0}).to_csv(folder / "03_enrichment.csv", index=False)
+
+
+def test_collect_stacks_models_and_names_what_is_missing(tmp_path):
+    results_tree(tmp_path, ["b-model", "a-model"])
+    assert scaling.result_models(results_root=tmp_path) == ["a-model", "b-model"]
+    table = scaling.collect("01_steerability.csv", results_root=tmp_path)
+    assert table.columns[0] == "model" and table.model.unique().tolist() == ["a-model", "b-model"]
+    compared = scaling.prior_vs_ours(table)
+    assert compared[compared.model == "a-model"].setting.tolist() == ["fixed-hard-rfm", "attention-hard-rfm",
+                                                                      "attention-soft-rfm"]
+    with pytest.raises(FileNotFoundError, match="run `make all MODELS=c-model`"):
+        scaling.collect("01_steerability.csv", ["a-model", "c-model"], results_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="run `make all`"):
+        scaling.collect("01_steerability.csv", results_root=tmp_path / "empty")
+
+
+def test_depth_profile_bins_normalised_depth(tmp_path):
+    results_tree(tmp_path, ["m"])
+    profile = scaling.depth_profile(scaling.collect("03_enrichment.csv", results_root=tmp_path), n_bins=2)
+    assert profile.depth_bin.tolist() == [0.25, 0.75]
+    assert profile.score.tolist() == [0.25, 0.5]  # blocks 0-1 | blocks 2-3 (depth 1 falls in the last bin)
+
+
+def test_working_coefficients_count_the_smallest_scoring_eps():
+    rows = [(c, q, s) for c, q, s in [(0.1, 0, 0), (0.2, 0, 1), (0.3, 0, 1), (0.1, 1, 1), (0.1, 2, 0), (0.2, 2, 0)]]
+    generations = pd.DataFrame(rows, columns=["coefficient", "question_id", "score"]).assign(
+        model="m", setting="attention-soft-rfm", concept_class="moods", concept="Cheerful")
+    table = scaling.working_coefficients(generations)
+    assert table.set_index("coefficient").n_steered.to_dict() == {0.1: 1, 0.2: 1, 0.3: 0}
+    assert table.share.sum() == 1.0 and table.n_pairs.eq(3).all()
+    with pytest.raises(ValueError, match="No generations of setting"):
+        scaling.working_coefficients(generations, setting="other")
+
+
+def test_soft_label_gain_picks_the_hard_vs_soft_rows():
+    paired = pd.DataFrame({"model": "m", "protocol": "best_of_grid", "concept_class": "all",
+                           "setting_a": ["fixed-hard-rfm", "attention-hard-rfm"],
+                           "setting_b": ["attention-hard-rfm", "attention-soft-rfm"], "mean_a": [0.1, 0.2],
+                           "mean_b": [0.2, 0.5], "diff": [0.1, 0.3], "ci_low": 0.0, "ci_high": 0.5, "p_mcnemar": 0.5,
+                           "n_concepts": 4})
+    gain = scaling.soft_label_gain(paired)
+    assert len(gain) == 1 and gain["diff"].item() == 0.3 and gain["attention-soft-rfm"].item() == 0.5
+    with pytest.raises(ValueError, match="rerun notebook 01"):
+        scaling.soft_label_gain(paired.iloc[:1])
+
+
+def test_baseline_methods_reuse_pipeline_settings():
+    for setting in baselines.VECTOR_METHODS.values():
+        pipeline.Setting.parse(setting)  # raises on a bad name
+
+
+def test_responses_with_carriage_returns_survive_a_csv_round_trip(tmp_path):
+    from steer_utils import steering
+
+    response = steering.clean_response(" a\rb\r\nc\nUser: next turn")
+    assert response == "a\nb\nc"
+    table = pd.DataFrame({"concept_class": ["moods"], "response": [response]})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    assert pd.read_csv(tmp_path / "t.csv", keep_default_na=False).equals(table)
