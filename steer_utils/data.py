@@ -9,6 +9,7 @@ so the same code serves every fast tokenizer and chat template:
 from __future__ import annotations
 
 import unicodedata
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def read_lines(path: Path, what: str) -> list[str]:
     """Non-blank stripped lines of a UTF-8 file; errors on a missing, empty or duplicated list."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file '{path}' does not exist.")
+        raise FileNotFoundError(f"{what} file '{path}' does not exist; check the path (a UTF-8 text file, one entry "
+                                "per line).")
     lines = [unicodedata.normalize("NFC", line.strip()) for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
@@ -141,6 +143,25 @@ class EncodedPrompt:
         return len(self.input_ids) - self.tail_start
 
 
+_SPECIAL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special (control) tokens, e.g. `<|im_end|>` or `<start_of_turn>`; cached per tokenizer."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids = frozenset(i for i, token in added.items() if getattr(token, "special", False))
+    ids |= frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+    try:
+        _SPECIAL_IDS[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
+
+
 def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str | None = None) -> EncodedPrompt:
     """Render and tokenize one prompt, locating the prefix span and the tail after the user text."""
     if not getattr(tokenizer, "is_fast", False):
@@ -148,12 +169,20 @@ def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str 
     text = render_prompt(tokenizer, user)
     user_char = text.rfind(user)
     if user_char < 0:
-        raise ValueError("The chat template altered the user text, so token positions cannot be located.")
+        raise ValueError("The chat template altered the user text, so token positions cannot be located; use a "
+                         "template that inserts the message content verbatim (no trim, upper or escape filters).")
     user_char_end = user_char + len(user)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     tail_start = next((i for i, (s, _) in enumerate(offsets) if s >= user_char_end), len(offsets))
     user_start = next((i for i, (s, e) in enumerate(offsets) if e > user_char and e > s), tail_start)
+    special = special_token_ids(tokenizer)
+    markup = [i for i in range(user_start, tail_start) if enc["input_ids"][i] in special]
+    if markup:  # e.g. a concept containing "<|im_end|>": the model would read it as chat structure
+        token = text[offsets[markup[0]][0]:offsets[markup[0]][1]] or tokenizer.decode([enc["input_ids"][markup[0]]])
+        where = f"concept {concept!r}" if concept else "the statement"
+        raise ValueError(f"The prompt text of {where} contains the special token {token!r}, which the model would "
+                         "read as chat markup; remove it from the concept or statement.")
     span = None
     if prefix is not None:
         p_start = text.find(prefix, user_char, user_char_end)

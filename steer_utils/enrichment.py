@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -138,8 +139,11 @@ def select_blocks(scores: torch.Tensor, k: int, how: str, seed: int = 0, candida
         raise ValueError(f"candidates must be distinct block indices in 0..{n_blocks - 1}; got {pool}.")
     if how == "all":
         return sorted(pool)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k={k!r} must be a whole number of blocks, got {type(k).__name__}; e.g. k=3, or use "
+                         "k_from_fraction(0.25, n) for a share of the blocks.")
     if k < 1:
-        raise ValueError(f"k={k} must be at least 1.")
+        raise ValueError(f"k={k} must be at least 1; choose k in 1..{len(pool)}.")
     if k > len(pool):
         raise ValueError(f"k={k} is larger than the {len(pool)} candidate blocks; choose k <= {len(pool)}.")
     if how == "random":
@@ -152,8 +156,13 @@ def select_blocks(scores: torch.Tensor, k: int, how: str, seed: int = 0, candida
 
 def k_from_fraction(fraction: float, n_candidates: int) -> int:
     """Number of blocks for a fraction of the candidates: round(fraction * n), at least 1."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise ValueError(f"fraction={fraction!r} must be a number in (0, 1], got {type(fraction).__name__}; "
+                         "e.g. 0.25 for a quarter of the blocks.")
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction} must be in (0, 1], e.g. 0.25 for a quarter of the blocks.")
-    if n_candidates < 1:
-        raise ValueError(f"n_candidates={n_candidates} must be at least 1.")
+        raise ValueError(f"fraction={fraction} must be in (0, 1], e.g. 0.25 for a quarter of the blocks; a fraction "
+                         "above 1 would ask for more blocks than there are.")
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, numbers.Integral) or n_candidates < 1:
+        raise ValueError(f"n_candidates={n_candidates!r} must be a positive integer: the number of blocks "
+                         "to choose from (the steerable blocks).")
     return max(1, round(fraction * n_candidates))

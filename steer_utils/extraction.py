@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .cache import cache_key, cached_tensors
 from .data import EncodedPrompt
+from .resources import halving_batches
 
 EXTRACTION_VERSION = 2  # bump when the computation below changes, so cached entries are not reused
 
@@ -142,9 +143,8 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
             cache = DynamicCache(config=model.config)
             base(input_ids=torch.tensor([prompts[0].input_ids[:shared]], device=device), past_key_values=cache,
                  use_cache=True)
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
-                          disable=len(prompts) <= batch_size):
-            batch = prompts[start:start + batch_size]
+
+        def run(batch: list[EncodedPrompt]) -> dict[str, torch.Tensor]:  # one batch; halved if out of memory
             ids, mask, columns = _layout(batch, shared, pad_id)
             prefix = torch.zeros(mask.shape)
             user_columns = torch.zeros((len(batch), user_width), dtype=torch.long)
@@ -158,16 +158,25 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
             state.update(active=True, hidden=[None] * len(blocks), attn_prefix=[None] * len(blocks),
                          attn_user=[None] * len(blocks), prefix=prefix.to(device),
                          user_columns=user_columns.to(device), user_valid=user_valid.to(device))
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            past = None
-            if cache is not None:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(len(batch))
-            base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                 past_key_values=past, use_cache=past is not None)
-            for name in ("hidden", "attn_prefix") + (("attn_user",) if keep_user_attention else ()):
-                out[name].append(torch.stack(state[name], dim=1).cpu())  # (b, n_blocks, ...)
-            state["active"] = False
+            try:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+                past = None
+                if cache is not None:
+                    past = copy.deepcopy(cache)
+                    past.batch_repeat_interleave(len(batch))
+                base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                     past_key_values=past, use_cache=past is not None)
+                names = ("hidden", "attn_prefix") + (("attn_user",) if keep_user_attention else ())
+                kept = {name: torch.stack(state[name], dim=1).cpu() for name in names}  # (b, n_blocks, ...)
+            finally:  # also after running out of memory: drop what the hooks kept of the failed batch
+                state.update(active=False, hidden=None, attn_prefix=None, attn_user=None)
+            progress.update(len(batch))
+            return kept
+
+        with tqdm(total=len(prompts), desc=desc, leave=False, disable=len(prompts) <= batch_size) as progress:
+            for part in halving_batches(run, prompts, batch_size, "extraction"):
+                for name, value in part.items():
+                    out[name].append(value)
     finally:
         for handle in handles:
             handle.remove()

@@ -203,19 +203,49 @@ def model_source(name: str) -> str:
     return name
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name written as a filesystem path (absolute, ~, ./ or ../), not a Hugging Face id."""
+    return name.startswith(("/", "~", "./", "../", ".\\", "..\\")) or Path(name).is_absolute()
+
+
 def _unknown_model_error(name: str) -> FileNotFoundError:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return FileNotFoundError(
+            f"Folder '{name}' is not a saved model: it needs config.json, the weights and tokenizer files; write them "
+            f"with model.save_pretrained('{name}') and tokenizer.save_pretrained('{name}'), or use a bundled name "
+            f"({', '.join(BUNDLED)}).")
+    if _looks_like_path(name):
+        return FileNotFoundError(
+            f"Model path '{name}' does not exist; check the path, or use a bundled name ({', '.join(BUNDLED)}) or a "
+            f"Hugging Face id from the local cache.")
     return FileNotFoundError(
         f"Model '{name}' is not a bundled name ({', '.join(BUNDLED)}), a local model folder, a .gguf file, "
-        f"or a Hugging Face id in the local cache (downloads are off). Fetch it once with "
+        f"or a Hugging Face id in the local cache (downloads are off). To add it, fetch it once with "
         f"`huggingface-cli download {name}` on a machine with network, or pass a local path."
     )
+
+
+def check_model_name(name) -> str:
+    """`name` stripped, or a ValueError when it is not a non-empty string."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"Model name must be a non-empty string, got {name!r} ({type(name).__name__}); use a bundled "
+                         f"name ({', '.join(BUNDLED)}), a Hugging Face id or a local path.")
+    return name.strip()
 
 
 def load_tokenizer(name: str):
     """The tokenizer of `name`, left-padded, with a pad token and a chat template (plain if it has none)."""
     from transformers import AutoTokenizer
 
+    name = check_model_name(name)
     source = model_source(name)  # its own clear errors for bundled models and .gguf files
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise _unknown_model_error(name)  # transformers would fail deep inside with a long ValueError
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except OSError:
@@ -237,10 +267,13 @@ def load_model(name: str, dtype: str | torch.dtype = "auto", device: str = "auto
     """Load `name` with eager attention; returns (model, tokenizer, ModelInfo)."""
     from transformers import AutoModelForCausalLM
 
+    name = check_model_name(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     tokenizer = load_tokenizer(name)
     source = model_source(name)
+    if Path(source).expanduser().is_dir() and not (Path(source).expanduser() / "config.json").is_file():
+        raise _unknown_model_error(name)
     kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", "local_files_only": True}
     if device == "cuda":
         kwargs["device_map"] = "auto"  # spreads large models over every visible GPU (accelerate)

@@ -13,12 +13,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, enrichment, evaluation, labels, selection, steering, vectors
-from .cache import atomic_write, cache_key
+from . import data, enrichment, evaluation, extraction, labels, selection, steering, vectors
+from .cache import atomic_write, cache_key, upstream_versions
 from .extraction import Activations, extract_cached, user_layout
 from .paths import CACHE_DIR, model_slug
 
-PIPELINE_VERSION = 2  # 2: generation with SDPA attention
+# Bump when token selection, labels, vector fitting, enrichment or steered generation change their results;
+# every generations/layers/baselines entry is then recomputed. 2: generation with SDPA attention.
+PIPELINE_VERSION = 2
 COEFFICIENTS = (0.015, 0.025, 0.035, 0.05)  # eps relative to each block's typical hidden-state norm
 LAYER_FRACTIONS = (0.25, 0.5)  # shares of the steerable blocks kept by top/bottom/random-k selection
 
@@ -82,7 +84,8 @@ def training_set(acts: ConceptActivations, setting: Setting) -> tuple[torch.Tens
     chosen = selection.select_tokens(attn, setting.selection)
     features = torch.cat([selection.gather_selected(acts.prefixed.hidden, chosen),
                           selection.gather_selected(acts.unprefixed.hidden, chosen)])
-    y = labels.make_labels(setting.labels, selection.gather_selected(attn, chosen), len(acts.unprefixed.hidden))
+    y = labels.make_labels(setting.labels, selection.gather_selected(attn, chosen), len(acts.unprefixed.hidden),
+                           concept=f"{acts.concept_class}/{acts.concept}")
     is_prefixed = torch.arange(len(features)) < len(acts.prefixed.hidden)
     return features, y, is_prefixed, chosen
 
@@ -102,10 +105,28 @@ def fit_setting(acts: ConceptActivations, setting: Setting, model_name: str, see
 
 def _run_inputs(model, model_name: str, concept_class: str, concept: str, statements: list[str], questions: list[str],
                 coefficients, max_new_tokens: int, seed: int) -> dict:
-    """What a concept's steered generations depend on, for their cache keys."""
+    """What a concept's steered generations depend on, for their cache keys (also of notebook 05's baselines).
+
+    Includes the code versions of the stages they build on (activations; for the baselines also this module's
+    generation code), so bumping EXTRACTION_VERSION or PIPELINE_VERSION never reuses generations made from the
+    old activations or code. Those versions enter the key only once they differ from the ones the existing
+    cache entries were made with (see `cache.upstream_versions`), so adding them did not invalidate the cache.
+    """
     return dict(model=model_name, dtype=str(next(model.parameters()).dtype), concept=[concept_class, concept],
                 statements=hashlib.sha256("\n".join(statements).encode()).hexdigest(), questions=list(questions),
-                coefficients=list(coefficients), max_new_tokens=max_new_tokens, seed=seed)
+                coefficients=list(coefficients), max_new_tokens=max_new_tokens, seed=seed,
+                **upstream_versions({"extraction": extraction.EXTRACTION_VERSION, "pipeline": PIPELINE_VERSION},
+                                    written_with={"extraction": 2, "pipeline": 2}))
+
+
+def generation_keys(model, model_name: str, concept_class: str, concept: str, statements: list[str],
+                    questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
+                    max_new_tokens: int = 50, seed: int = 0) -> dict[str, str]:
+    """The cache key of each setting's generations for one concept (`run_concept`'s entries), by setting name."""
+    blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
+    common = _run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
+                         max_new_tokens, seed) | dict(blocks=blocks)
+    return {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
 
 
 def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
@@ -120,11 +141,10 @@ def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: 
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    keys = generation_keys(model, model_name, concept_class, concept, statements, questions, settings, coefficients,
+                           blocks, max_new_tokens, seed)
     blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
-    common = _run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
-                         max_new_tokens, seed) | dict(blocks=blocks)
     folder = CACHE_DIR / "generations" / model_slug(model_name)
-    keys = {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
     gen_path = {name: folder / f"{key}.csv" for name, key in keys.items()}
     fit_path = {name: folder / f"{key}.fits.csv" for name, key in keys.items()}
     missing = [s for s in settings if not gen_path[s.name].exists()]

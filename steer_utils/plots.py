@@ -6,6 +6,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from .cache import atomic_write
+
 CLASS_PALETTE = dict(zip(("fears", "places", "personas", "experts", "moods"), sns.color_palette("colorblind", 5)))
 
 
@@ -15,7 +17,7 @@ def set_style() -> None:
 
 
 def save_figure(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
-    """Save `fig` as `<folder>/<name>.png` and `.pdf`; returns both paths."""
+    """Save `fig` as `<folder>/<name>.png` and `.pdf` (each written atomically); returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
@@ -24,7 +26,7 @@ def save_figure(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
     for path in paths:
         # A fixed creation date keeps the PDF byte-identical across reruns.
         metadata = {"CreationDate": None} if path.suffix == ".pdf" else {"Software": None}
-        fig.savefig(path, bbox_inches="tight", metadata=metadata)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", metadata=metadata))
     return paths
 
 

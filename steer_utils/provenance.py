@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cache import write_csv
+
 # The packages whose versions change numbers; the full list is in requirements.lock.
 KEY_PACKAGES = (
     "torch", "transformers", "tokenizers", "gguf", "accelerate", "safetensors", "numpy", "pandas", "scipy",
@@ -30,9 +32,6 @@ def package_versions() -> pd.DataFrame:
 
 def write_versions(folder: Path) -> Path:
     """Write `versions.csv` (package, version) into a results folder; returns its path."""
-    path = Path(folder) / "versions.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
     frame = package_versions()
     frame.loc[len(frame)] = {"package": "platform", "version": f"{sys.platform}-{platform.machine()}"}
-    frame.to_csv(path, index=False)
-    return path
+    return write_csv(frame, Path(folder) / "versions.csv")

@@ -31,6 +31,7 @@ from . import steering
 from .data import render_prompt
 from .extraction import find_attention, find_blocks
 from .models import attention_implementation
+from .resources import halving_batches
 
 SITES = ("head", "hidden")
 POSITIONS = ("last", "all")
@@ -143,16 +144,20 @@ def record_last_token(model: nn.Module, tokenizer, user_messages: Sequence[str],
             for i, m in enumerate(modules):
                 handles.append(m.register_forward_pre_hook(keep_input(site, i, _head_dim(model, m))) if site == "head"
                                else m.register_forward_hook(keep_output(site, i)))
+
+        def run(messages: Sequence[str]) -> dict[str, torch.Tensor]:  # one batch; halved if out of memory
+            prompts = [render_prompt(tokenizer, m) for m in messages]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            mask = batch["attention_mask"]  # (b, t), left padded
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift rotary positions
+            base(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
+                 position_ids=positions.to(device), use_cache=False)
+            return {site: torch.stack(captured[site], dim=1).cpu() for site in sites}  # (b, n_blocks, n_elements)
+
         with _left_padding(tokenizer), attention_implementation(model, "sdpa"):
-            for start in range(0, len(user_messages), batch_size):
-                prompts = [render_prompt(tokenizer, m) for m in user_messages[start:start + batch_size]]
-                batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-                mask = batch["attention_mask"]  # (b, t), left padded
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift rotary positions
-                base(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
-                     position_ids=positions.to(device), use_cache=False)
+            for part in halving_batches(run, list(user_messages), batch_size, "SADI recording"):
                 for site in sites:
-                    out[site].append(torch.stack(captured[site], dim=1).cpu())  # (b, n_blocks, n_elements)
+                    out[site].append(part[site])
     finally:
         for handle in handles:
             handle.remove()
@@ -252,5 +257,9 @@ def generate_sadi(model: nn.Module, tokenizer, user_messages: Sequence[str], mas
         raise ValueError(f"Got {len(user_messages)} messages, {len(masks)} masks and {len(deltas)} deltas; "
                          "give one mask and one delta per message.")
     scales = sadi_scales(masks, deltas)
-    with _left_padding(tokenizer), intervene(model, scales, site, positions):
-        return steering.generate(model, tokenizer, user_messages, None, max_new_tokens)
+
+    def rows_scaled(rows: range):  # the scales of the rows being generated (all of them, unless out of memory)
+        return intervene(model, {b: s[rows.start:rows.stop] for b, s in scales.items()}, site, positions)
+
+    with _left_padding(tokenizer):
+        return steering.generate(model, tokenizer, user_messages, None, max_new_tokens, row_context=rows_scaled)

@@ -48,7 +48,7 @@ def write_manifest(out_dir: Path, notebook: str, model: str, shard_index: int, n
     shard_index, num_shards = paths.check_shard(shard_index, num_shards)
     if num_shards == 1:
         return None
-    from .cache import atomic_write  # imports torch; only needed here
+    from .cache import atomic_write  # only needed here
 
     notebook = _notebook_name(notebook)
     params = {k: v for k, v in parameters.items() if k not in SHARD_PARAMETERS}

@@ -6,8 +6,8 @@ grid serves models whose activation scales differ. Several vectors and coefficie
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from .data import render_prompt
 from .extraction import block_output, find_blocks
 from .models import attention_implementation
+from .resources import halving_batches
 from .vectors import ConceptVector
 
 
@@ -85,15 +86,31 @@ def clean_response(text: str) -> str:
 
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], additions: dict[int, torch.Tensor] | None = None,
-             max_new_tokens: int = 50) -> list[str]:
-    """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered."""
+             max_new_tokens: int = 50, row_context: Callable[[range], ContextManager] | None = None) -> list[str]:
+    """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered.
+
+    If the call runs out of memory, its rows are generated in halves (quarters, ...) instead
+    (`resources.halving_batches`, warning once); every piece keeps the full batch's padding and its rows of the
+    per-row additions, so the responses are the same. `row_context(rows)`, if given, returns a context manager that
+    is active while the rows `rows` (a range) are generated, e.g. SADI's per-row scales for those rows.
+    """
     prompts = [render_prompt(tokenizer, m) for m in user_messages]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-    with attention_implementation(model, "sdpa"), steer(model, additions or {}):
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id)
-    return [clean_response(t) for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    device = next(model.parameters()).device
+    width, n = batch["input_ids"].shape[1], len(prompts)
+
+    def run(rows: range) -> list[str]:
+        part = {k: v[rows.start:rows.stop].to(device) for k, v in batch.items()}
+        shifts = {b: a[rows.start:rows.stop] if a.dim() == 2 and len(a) == n else a  # per-row: this piece's rows
+                  for b, a in (additions or {}).items()}
+        with row_context(rows) if row_context else nullcontext(), steer(model, shifts):
+            out = model.generate(**part, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+    with attention_implementation(model, "sdpa"):
+        parts = halving_batches(run, range(n), max(n, 1), "generation")
+    return [clean_response(t) for part in parts for t in part]
 
 
 def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector], questions: Sequence[str],

@@ -25,7 +25,8 @@ def test_lock_and_environment_list_the_same_packages():
 
 def test_makefile_help_lists_each_target():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for target in ["install", "all", "merge", "bench", "test", "clean", "clean-cache", "lock", *[p.stem for p in NOTEBOOKS]]:
+    for target in ["install", "all", "merge", "bench", "test", "clean", "cache-info", "clean-cache", "lock",
+                   *[p.stem for p in NOTEBOOKS]]:
         assert target in out
 
 
