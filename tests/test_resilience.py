@@ -51,6 +51,18 @@ if os.environ.get("STEER_TEST_REAL_JUDGE") != "1":
             return pd.DataFrame({"concept": concepts, "response": responses, "reason": "stand-in", "score": score})
 
     judge.load_judge = lambda name="embedding", **kwargs: StandInJudge()
+if os.environ.get("STEER_TEST_SLOW_CONCEPTS"):  # a pause after each concept, so a kill always lands mid-run
+    import time
+    from steer_utils import pipeline
+
+    run_concept = pipeline.run_concept
+
+    def slow_run_concept(*args, **kwargs):
+        out = run_concept(*args, **kwargs)
+        time.sleep(float(os.environ["STEER_TEST_SLOW_CONCEPTS"]))
+        return out
+
+    pipeline.run_concept = slow_run_concept
 '''
 
 
@@ -139,10 +151,12 @@ def ipython_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _start(folder: Path, model_dir: Path, ipython_dir: Path) -> subprocess.Popen:
-    """Notebook 01 under papermill in its own process group, with cache, results and figures under `folder`."""
+def _start(folder: Path, model_dir: Path, ipython_dir: Path, pause: float = 0.0) -> subprocess.Popen:
+    """Notebook 01 under papermill in its own process group, with cache, results and figures under `folder`
+    (`pause` seconds after each concept: results are unchanged, but a kill cannot come too late on a busy machine)."""
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               STEER_TEST_SLOW_CONCEPTS=str(pause) if pause else "",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", IPYTHONDIR=str(ipython_dir),
                STEER_TEST_IMPORTED=str(folder / "imported.txt"), STEER_CACHE_DIR=str(folder / "cache"),
                STEER_RESULTS_DIR=str(folder / "results"), STEER_FIGURES_DIR=str(folder / "figures"))
@@ -232,7 +246,7 @@ def uninterrupted(tiny_model_dir, ipython_dir, tmp_path_factory) -> Path:
 @needs_kernel
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
 def test_killed_notebook_run_resumes_to_identical_results(uninterrupted, tiny_model_dir, ipython_dir, tmp_path, how):
-    process = _start(tmp_path, tiny_model_dir, ipython_dir)
+    process = _start(tmp_path, tiny_model_dir, ipython_dir, pause=2.0)
     deadline = time.monotonic() + 240
     while len(_generations(tmp_path)) < N_SETTINGS:  # the first concept is done
         assert process.poll() is None, (tmp_path / "papermill.log").read_text()[-3000:]
