@@ -180,14 +180,14 @@ def _generations(folder: Path) -> list[Path]:
 
 
 def _kill(process: subprocess.Popen, how: signal.Signals) -> None:
-    """Ctrl-C (SIGINT to papermill's process group; papermill then stops its kernel), or SIGKILL of papermill and
-    its kernel at once (the kernel runs in a session of its own, so it is killed by pid)."""
+    """Ctrl-C (SIGINT to papermill's process group and to its kernel, which runs in a session of its own, so the
+    running cell stops with KeyboardInterrupt at once rather than whenever papermill shuts the kernel down), or
+    SIGKILL of papermill and its kernel at once."""
     import psutil
 
     children = psutil.Process(process.pid).children(recursive=True)
-    if how == signal.SIGKILL:
-        for child in children:
-            child.kill()
+    for child in children:
+        child.send_signal(how)
     os.killpg(process.pid, how)
     process.wait(timeout=60)
     _, alive = psutil.wait_procs(children, timeout=30)
