@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, extraction, paths, pipeline, sadi, steering
+from . import data, paths, pipeline, sadi, steering
 from .cache import atomic_write, cache_key, cached_tensors
 from .paths import CACHE_DIR, model_slug
 
@@ -103,9 +103,8 @@ def sadi_masks(model, tokenizer, model_name: str, concept_class: str, concept: s
                ks: dict[str, list[int]]) -> dict[str, dict[int, torch.Tensor]]:
     """SADI masks {site: {K: (n_blocks, n_elements) bool}} from the last-token activations of the paired training
     prompts (prefixed vs unprefixed), for the Ks wanted at each site."""
-    prefix = data.prefix_text(concept_class, concept)
-    prefixed = sadi_activations(model, tokenizer, model_name, [data.user_text(s, prefix) for s in statements])
-    plain = sadi_activations(model, tokenizer, model_name, [data.user_text(s) for s in statements])
+    prefixed, plain = (sadi_activations(model, tokenizer, model_name, messages)
+                       for messages in data.paired_messages(concept_class, concept, statements))
     return {site: {k: sadi.sadi_mask(prefixed[site], plain[site], k) for k in sorted(set(site_ks))}
             for site, site_ks in ks.items()}
 
@@ -210,17 +209,8 @@ def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: s
                questions: list[str], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
                max_new_tokens: int = 50, seed: int = 0) -> pd.DataFrame:
     """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
-    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
-    tail_ids = data.shared_tail(prefixed + plain)
-
-    def activations():
-        return pipeline.ConceptActivations(
-            concept_class, concept,
-            extraction.extract(model, prefixed, len(tail_ids), tokenizer.pad_token_id, keep_user_attention=True),
-            extraction.extract(model, plain, len(tail_ids), tokenizer.pad_token_id),
-            data.tail_token_names(tokenizer, tail_ids), *extraction.user_layout(prefixed))
-
-    acts, extract_s = _timed(activations)
+    acts, extract_s = _timed(lambda: pipeline.concept_activations(model, tokenizer, model_name, concept_class, concept,
+                                                                  statements, cached=False))
     coefficients = list(pipeline.COEFFICIENTS)
     rows = [{"method": "prompting", "extract_s": 0.0, "fit_s": 0.0, "n_generations": len(questions),
              "generate_s": _timed(lambda: prompting_grid(model, tokenizer, concept_class, concept, questions,
@@ -230,18 +220,15 @@ def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: s
         scale = 1.0
         fit_start = time.perf_counter()
         if method == "ours" and block_set != "all":
-            table = pipeline.concept_enrichment(acts, seed=seed)
-            sets = pipeline.block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()),
-                                       n_random=0, seed=seed)
-            blocks, scale = sets[block_set], len(blocks) / len(sets[block_set])
+            _, sets, scales = pipeline.enriched_block_sets(acts, n_random=0, seed=seed)
+            blocks, scale = sets[block_set], scales[block_set]
         vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse(setting), model_name, seed)
         fit_s = time.perf_counter() - fit_start
         generate_s = _timed(lambda: steering.generate_grid(model, tokenizer, {method: vector}, questions, coefficients,
                                                            blocks, max_new_tokens, {method: scale}))[1]
         rows.append({"method": method, "extract_s": extract_s, "fit_s": fit_s,
                      "n_generations": len(coefficients) * len(questions), "generate_s": generate_s})
-    prefix = data.prefix_text(concept_class, concept)
-    messages = {"prefixed": [data.user_text(s, prefix) for s in statements], "plain": [data.user_text(s) for s in statements]}
+    messages = dict(zip(("prefixed", "plain"), data.paired_messages(concept_class, concept, statements)))
     recorded, record_s = _timed(lambda: {k: sadi.record_last_token(model, tokenizer, m) for k, m in messages.items()})
     for variant, grid in sadi_settings.items():
         site = SADI_VARIANTS[variant][0]

@@ -198,12 +198,18 @@ def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str 
     return EncodedPrompt(text=text, input_ids=ids, prefix_span=span, user_start=user_start, tail_start=tail_start)
 
 
+def paired_messages(concept_class: str, concept: str, statements: list[str]) -> tuple[list[str], list[str]]:
+    """(prefixed, unprefixed) user messages for one concept, one pair per statement."""
+    prefix = prefix_text(concept_class, concept)
+    return [user_text(s, prefix) for s in statements], [user_text(s) for s in statements]
+
+
 def paired_prompts(tokenizer, concept_class: str, concept: str, statements: list[str]):
     """(prefixed, unprefixed) EncodedPrompts for one concept, one pair per statement."""
     prefix = prefix_text(concept_class, concept)
-    prefixed = [encode_prompt(tokenizer, user_text(s, prefix), prefix, concept) for s in statements]
-    plain = [encode_prompt(tokenizer, user_text(s)) for s in statements]
-    return prefixed, plain
+    prefixed, plain = paired_messages(concept_class, concept, statements)
+    return ([encode_prompt(tokenizer, m, prefix, concept) for m in prefixed],
+            [encode_prompt(tokenizer, m) for m in plain])
 
 
 def shared_tail(prompts: list[EncodedPrompt]) -> list[int]:

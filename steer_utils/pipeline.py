@@ -63,16 +63,21 @@ class ConceptActivations:
 
 
 def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
-                        statements: list[str], batch_size: int = 16) -> ConceptActivations:
-    """Extract (cached) activations of the paired prompts of one concept."""
+                        statements: list[str], batch_size: int = 16, cached: bool = True) -> ConceptActivations:
+    """Extract the activations of the paired prompts of one concept (from the disk cache unless `cached=False`)."""
     prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
     tail_ids = data.shared_tail(prefixed + plain)
     n_tail, pad = len(tail_ids), tokenizer.pad_token_id
+
+    def run(prompts, **kwargs) -> Activations:
+        if cached:
+            return extract_cached(model, model_key, prompts, n_tail, pad, batch_size, **kwargs)
+        return extraction.extract(model, prompts, n_tail, pad, batch_size, **kwargs)
+
     return ConceptActivations(
         concept_class, concept,
-        extract_cached(model, model_key, prefixed, n_tail, pad, batch_size, keep_user_attention=True,
-                       desc=f"extract {concept}"),
-        extract_cached(model, model_key, plain, n_tail, pad, batch_size, desc="extract unprefixed"),
+        run(prefixed, keep_user_attention=True, desc=f"extract {concept}"),
+        run(plain, desc="extract unprefixed"),
         data.tail_token_names(tokenizer, tail_ids),
         *user_layout(prefixed),
     )
@@ -258,6 +263,16 @@ def block_sets(scores: torch.Tensor, tiebreak: torch.Tensor, fractions=LAYER_FRA
     return sets
 
 
+def enriched_block_sets(acts: ConceptActivations, fractions=LAYER_FRACTIONS, n_random: int = 3, seed: int = 0,
+                        **enrichment_kwargs) -> tuple[pd.DataFrame, dict[str, list[int]], dict[str, float]]:
+    """One concept's enrichment table, its `block_sets`, and each set's eps scale (#steerable / k), so every set
+    injects about the same total shift into the residual stream as steering all blocks."""
+    table = concept_enrichment(acts, seed=seed, **enrichment_kwargs)
+    sets = block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()), fractions,
+                      n_random, seed)
+    return table, sets, {name: len(sets["all"]) / len(blocks) for name, blocks in sets.items()}
+
+
 def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                         questions: list[str], setting: str = "attention-soft-rfm", fractions=LAYER_FRACTIONS,
                         n_random: int = 3, coefficients=COEFFICIENTS, max_new_tokens: int = 50, seed: int = 0,
@@ -277,12 +292,8 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
     gen_path, enrich_path = folder / f"{key}.csv", folder / f"{key}.enrichment.csv"
     if not gen_path.exists():
         acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size)
-        table = concept_enrichment(acts, seed=seed, **enrichment_kwargs)
+        table, sets, scales = enriched_block_sets(acts, fractions, n_random, seed, **enrichment_kwargs)
         vector, _ = fit_setting(acts, Setting.parse(setting), model_name, seed)
-        sets = block_sets(torch.tensor(table.score.to_numpy()), torch.tensor(table.evidence.to_numpy()), fractions,
-                          n_random, seed)
-        n_steerable = len(sets["all"])
-        scales = {name: n_steerable / len(blocks) for name, blocks in sets.items()}
         grid = steering.generate_grid(model, tokenizer, {name: vector for name in sets}, questions, coefficients,
                                       sets, max_new_tokens, scales)
         grid.insert(0, "concept", concept)
