@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, paths, pipeline, sadi, steering
+from . import data, paths, pipeline, profiles, sadi, steering
 from .cache import atomic_write, cache_key, cached_tensors
 from .paths import CACHE_DIR, model_slug
 
@@ -27,8 +27,6 @@ BASELINES_VERSION = 1
 VECTOR_METHODS = {"mean-difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
 SADI_VARIANTS = {f"sadi-{site}-{where}": (site, where) for site in sadi.SITES for where in sadi.POSITIONS}
 METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
-K_GRID = {"head": (1, 4, 10), "hidden": (1, 5, 20)}  # elements kept by the SADI mask, per site
-DELTA_GRID = (5.0, 20.0, 80.0)  # SADI scaling a' = a + delta * a
 OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 that `ours` may use
 
 
@@ -128,9 +126,10 @@ def _ks(settings: dict[str, list[tuple[int, float]]]) -> dict[str, list[int]]:
     return ks
 
 
-def tuning_settings(k_grid: dict[str, tuple[int, ...]] = K_GRID, deltas=DELTA_GRID) -> dict[str, list[tuple[int, float]]]:
-    """Every (K, delta) of the tuning grid, per SADI variant."""
-    return {v: [(k, float(d)) for k in k_grid[site] for d in deltas] for v, (site, _) in SADI_VARIANTS.items()}
+def tuning_settings(profile: profiles.Profile) -> dict[str, list[tuple[int, float]]]:
+    """Every (K, delta) of a profile's SADI tuning grid, per variant."""
+    ks = {"head": profile.sadi_head_ks, "hidden": profile.sadi_hidden_ks}
+    return {v: [(k, float(d)) for k in ks[site] for d in profile.sadi_deltas] for v, (site, _) in SADI_VARIANTS.items()}
 
 
 def run_sadi(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import baselines, cache, data, models, pipeline, scaling
+from steer_utils import baselines, cache, data, models, pipeline, profiles, scaling
 
 
 def test_tuning_concepts_are_disjoint_from_the_reported_ones():
@@ -30,10 +30,15 @@ def test_best_sadi_settings_rank_by_tuning_score_with_ties_to_smaller_delta():
                                                                      (4, 20.0): 3, (10, 80.0): 0}
 
 
-def test_tuning_grid_covers_every_variant_and_setting():
-    grid = baselines.tuning_settings()
+@pytest.mark.parametrize("name", list(profiles.PROFILES))
+def test_tuning_grid_covers_every_variant_and_setting(name):
+    profile = profiles.PROFILES[name]
+    grid = baselines.tuning_settings(profile)
     assert set(grid) == set(baselines.SADI_VARIANTS)
-    assert all(len(v) == len(baselines.DELTA_GRID) * 3 for v in grid.values())
+    assert len(grid["sadi-head-last"]) == len(profile.sadi_head_ks) * len(profile.sadi_deltas)
+    assert len(grid["sadi-hidden-all"]) == len(profile.sadi_hidden_ks) * len(profile.sadi_deltas)
+    assert all(len(v) >= len(pipeline.COEFFICIENTS) for v in grid.values())  # enough settings for SADI's eval grid
+    assert (1, 1.0) in grid["sadi-hidden-last"] and all(isinstance(d, float) for _, d in grid["sadi-head-all"])
     assert set(baselines.METHODS) >= {"prompting", "mean-difference", "prior", "ours"}
 
 
