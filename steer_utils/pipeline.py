@@ -7,6 +7,7 @@ model and statement set); each concept's generations are cached too, so an inter
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import pandas as pd
@@ -273,6 +274,12 @@ def enriched_block_sets(acts: ConceptActivations, fractions=LAYER_FRACTIONS, n_r
     return table, sets, {name: len(sets["all"]) / len(blocks) for name, blocks in sets.items()}
 
 
+def _enrichment_defaults() -> dict:
+    """`concept_enrichment`'s keyword defaults (null, n_draws, alpha, fdr_level), for cache keys."""
+    params = inspect.signature(concept_enrichment).parameters
+    return {name: p.default for name, p in params.items() if name not in ("acts", "seed")}
+
+
 def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                         questions: list[str], setting: str = "attention-soft-rfm", fractions=LAYER_FRACTIONS,
                         n_random: int = 3, coefficients=COEFFICIENTS, max_new_tokens: int = 50, seed: int = 0,
@@ -285,6 +292,7 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    enrichment_kwargs = {**_enrichment_defaults(), **enrichment_kwargs}  # omitted and explicit defaults: one key
     key = cache_key("layers", PIPELINE_VERSION, setting=setting, fractions=list(fractions), n_random=n_random,
                     **_run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
                                   max_new_tokens, seed), **enrichment_kwargs)

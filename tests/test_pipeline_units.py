@@ -289,3 +289,19 @@ def test_concept_enrichment_finds_a_planted_block():
     table = pipeline.concept_enrichment(acts, n_draws=200)
     assert table.score.tolist() == [0.0, 0.0, 1.0, 0.0] and table.selected[2] == 1
     assert table.depth.tolist() == [0.0, 1 / 3, 2 / 3, 1.0] and (table.score_fdr <= 1).all()
+
+
+def test_layer_selection_key_is_the_same_with_or_without_explicit_enrichment_defaults(monkeypatch):
+    keys = []
+
+    def stop(stage, version, **inputs):  # record the key's inputs, skip the computation
+        keys.append(cache.cache_key(stage, version, **inputs))
+        raise StopIteration
+
+    monkeypatch.setattr(pipeline, "cache_key", stop)
+    model = torch.nn.Linear(2, 2)  # only its dtype enters the key
+    args = (model, None, "m", "moods", "Cheerful", STATEMENTS, ["Q?"])
+    for kwargs in [{}, dict(null="scattered", n_draws=1000, alpha=0.01, fdr_level=0.05), dict(n_draws=10)]:
+        with pytest.raises(StopIteration):
+            pipeline.run_layer_selection(*args, **kwargs)
+    assert keys[0] == keys[1] != keys[2]  # notebook 05 (no kwargs) reuses notebook 03's entries (all four given)
