@@ -211,3 +211,36 @@ def plot_working_coefficients(table) -> plt.Figure:
     ax.set(xlabel="smallest eps that steered (relative to block norm)", ylabel="share of steered pairs", ylim=(0, 1.05))
     ax.legend(title=None, fontsize=7)
     return fig
+
+
+def plot_paired_differences(comparisons, ax=None, title: str = "") -> plt.Axes:
+    """Paired differences (setting_b − setting_a, all concepts) with 95% bootstrap CIs, McNemar p on the right."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3.2))
+    rows = comparisons[comparisons.concept_class == "all"].reset_index(drop=True)
+    y = list(range(len(rows)))[::-1]  # first comparison on top
+    ax.errorbar(rows["diff"], y, xerr=[rows["diff"] - rows.ci_low, rows.ci_high - rows["diff"]], fmt="o",
+                color="black", capsize=2, markersize=4)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y, rows.setting_a)
+    for yi, p in zip(y, rows.p_mcnemar):
+        ax.annotate(f"p={p:.2g}", (1.02, yi), xycoords=("axes fraction", "data"), va="center", fontsize=7)
+    ax.set(xlabel=f"{rows.setting_b.iloc[0]} − method (steerability)", title=title)
+    return ax
+
+
+def plot_baselines(tables: dict, comparisons, methods: list[str], model: str) -> plt.Figure:
+    """Notebook 05's figure, one row per protocol: steerability per class and method (95% CIs), and the paired
+    differences ours − method over all concepts (bootstrap CIs, exact McNemar p)."""
+    fig, axes = plt.subplots(len(tables), 2, figsize=(15, 3.4 * len(tables)), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[3.2, 1]))
+    for (bars, diffs), (protocol, table) in zip(axes, tables.items()):
+        name = protocol.replace("_", "-")
+        plot_steerability(table, methods, ax=bars, title=f"{model}: {name}")
+        bars.get_legend().remove()
+        plot_paired_differences(comparisons[comparisons.protocol == protocol], ax=diffs, title=f"paired, {name}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=len(methods), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.4, -0.04))
+    fig.tight_layout()
+    return fig

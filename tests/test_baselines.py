@@ -150,3 +150,22 @@ def test_responses_with_carriage_returns_survive_a_csv_round_trip(tmp_path):
     table = pd.DataFrame({"concept_class": ["moods"], "response": [response]})
     table.to_csv(tmp_path / "t.csv", index=False)
     assert pd.read_csv(tmp_path / "t.csv", keep_default_na=False).equals(table)
+
+
+def test_baseline_figure_has_a_bar_and_a_paired_panel_per_protocol():
+    from steer_utils import plots
+
+    methods = ["prompting", "prior", "ours"]
+    table = pd.DataFrame([(m, c, 0.2 * i, 0.1 * i, 0.3 * i) for i, m in enumerate(methods) for c in ["moods", "all"]],
+                         columns=["setting", "concept_class", "steerability", "ci_low", "ci_high"])
+    comparisons = pd.DataFrame([(p, "all", m, "ours", d, d - 0.1, d + 0.1, 0.5) for p in ["best_of_grid", "held_out"]
+                                for m, d in [("prompting", -0.4), ("prior", 0.2)]],
+                               columns=["protocol", "concept_class", "setting_a", "setting_b", "diff", "ci_low",
+                                        "ci_high", "p_mcnemar"])
+    fig = plots.plot_baselines({"best_of_grid": table, "held_out": table}, comparisons, methods, "m")
+    bars, diffs = fig.axes[0], fig.axes[1]
+    assert len(fig.axes) == 4 and bars.get_title() == "m: best-of-grid" and diffs.get_title() == "paired, best-of-grid"
+    rows = {t.get_text(): t.get_position()[1] for t in diffs.get_yticklabels()}
+    assert rows["prompting"] > rows["prior"]  # first comparison on top
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == methods
+    assert diffs.get_xlabel() == "ours − method (steerability)"
