@@ -10,6 +10,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 MODELS ?= smollm2-135m gemma3-270m
 PROFILE ?= default
+# Model precision of notebooks 01-03 and 05: auto = float32 on every CPU (the committed results), bfloat16 on CUDA.
+DTYPE ?= auto
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 # Sharding (see steer_utils/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
@@ -38,6 +40,12 @@ SHARDED := $(filter-out 1,$(strip $(NUM_SHARDS)))
 SHARD_GUARD = grep -qE '\bnum_shards *=' notebooks/$@.ipynb || \
 	{ echo "$@ has no num_shards parameter, so it cannot be sharded; run it without NUM_SHARDS." >&2; exit 1; }
 comma := ,
+# `-p dtype DTYPE` for the notebooks that load a model (those with a `dtype` parameter).
+DTYPE_ARG = $(if $(shell grep -lE '"dtype *=' notebooks/$(1).ipynb),-p dtype $(DTYPE))
+
+ifeq ($(filter $(DTYPE),auto float32 bfloat16 float16),)
+$(error DTYPE=$(DTYPE) is not a precision; use auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16)
+endif
 
 ifneq ($(filter merge,$(MAKECMDGOALS)),)
 ifeq ($(strip $(NOTEBOOK)),)
@@ -52,6 +60,7 @@ endif
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
+	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA)"
 	@echo "       [SHARD_INDEX=0 NUM_SHARDS=4] (one shard of a notebook) [NOTEBOOK=01_token_selection] (merge)"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  \1\t\2/' | expand -t 24
 	@echo "  one notebook:         $(NB_NAMES)"
@@ -76,7 +85,7 @@ $(PER_MODEL): %: $(STAMP)
 		mkdir -p runs/$$slug$(if $(SHARDED),/shards); \
 		echo "== $@ [$$m, $(PROFILE)$(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))] -> runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb"; \
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb -p model "$$m" -p profile $(PROFILE)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
+			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
 	done
 
 $(CROSS_MODEL): %: $(STAMP)
@@ -93,7 +102,7 @@ merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_select
 		mkdir -p runs/$$slug; \
 		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK).ipynb"; \
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK).ipynb -p model "$$m" -p profile $(PROFILE); \
+			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK)); \
 		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS); \
 	done
 

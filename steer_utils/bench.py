@@ -12,7 +12,11 @@ Measured in one run:
   extraction and fitting grow with statements and blocks (least-squares slope, log-log exponent);
 - RFM fit time of one block vs number of examples; peak RSS of a default-profile concept in a fresh process;
 - wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
-  notebook 01 on the `full` profile (512 concepts, all statements, five questions).
+  notebook 01 on the `full` profile (512 concepts, all statements, five questions);
+- bf16 against fp32 (speed of extraction and generation; identical responses, equal judge scores and the
+  steerability difference on a concept sample), where the CPU has native bf16 or on a GPU; skipped otherwise.
+
+Every model is loaded in fp32 on CPU (`dtype="auto"`), bf16 only in the bf16 section.
 """
 from __future__ import annotations
 
@@ -151,6 +155,64 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     return {"counts": counts, "extract": extract_s, "fit": fit_s, "generate": generate_s, "judge": judge_s}
 
 
+def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class: int = 1, n_statements: int = 64,
+               max_new_tokens: int = 50) -> None:
+    """bf16 vs fp32 on this machine: extraction and generation speed, and how far bf16 changes the results.
+
+    Agreement is measured on a seeded concept sample (`concepts_per_class` per class, attention-soft-rfm, the
+    default grid and all questions): the share of identical responses and of equal judge scores, and the
+    steerability difference bf16 - fp32 with a paired bootstrap CI over concepts. On a CPU without native bf16
+    the section is one row saying so (bf16 is emulated there, ~1 GFLOP/s: hours for what fp32 does in minutes).
+    """
+    from . import evaluation
+
+    if device == "cpu" and not models.cpu_has_fast_bf16():
+        table.add("bf16", name, "skipped", 0, "", "this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so bf16 is "
+                  "emulated and slow; run make bench on an AMX / AVX512-BF16 CPU or a GPU to measure it")
+        return
+    sample = data.sample_concepts(concepts_per_class, seed=0)
+    statements, questions = data.load_statements(n=n_statements), data.load_questions()
+    setting = [pipeline.Setting.parse("attention-soft-rfm")]
+    seconds, scored = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer, _ = models.load_model(name, dtype=dtype, device=device)
+        prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, statements)
+        n_tail, pad = len(data.shared_tail(prefixed + plain)), tokenizer.pad_token_id
+        extract(model, prefixed[:2], n_tail, pad)  # warm-up
+        seconds[dtype, "extract"] = _seconds(lambda: extract(model, prefixed, n_tail, pad, keep_user_attention=True))
+        n_blocks = len(find_blocks(model))
+        unit = torch.nn.functional.normalize(torch.ones(model.config.get_text_config().hidden_size), dim=0)
+        vector = vectors.ConceptVector(dict.fromkeys(range(n_blocks), unit), dict.fromkeys(range(n_blocks), 1.0))
+        grid_questions = questions[CONCEPT[0]]
+        seconds[dtype, "generate"] = _seconds(lambda: steering.generate_grid(
+            model, tokenizer, {"v": vector}, grid_questions, pipeline.COEFFICIENTS,
+            steering.default_blocks(n_blocks), max_new_tokens))
+        generations, _ = pipeline.run_concepts(model, tokenizer, name, sample, statements, questions, setting,
+                                               max_new_tokens=max_new_tokens)
+        scored[dtype] = pipeline.judge_generations(grader, generations)
+        del model
+    for stage, what in (("extract", f"{len(prefixed)} prefixed prompts"),
+                        ("generate", f"{len(pipeline.COEFFICIENTS) * len(grid_questions)} rows x {max_new_tokens} tokens")):
+        for dtype in ("float32", "bfloat16"):
+            table.add("bf16", name, f"{stage}, {dtype}", seconds[dtype, stage], "s", what)
+        table.add("bf16", name, f"{stage}: speed-up of bf16", seconds["float32", stage] / seconds["bfloat16", stage],
+                  "x", what)
+    keys = ["concept_class", "concept", "setting", "coefficient", "question_id"]
+    both = scored["float32"].merge(scored["bfloat16"], on=keys, suffixes=("_fp32", "_bf16"))
+    note = f"{len(sample)} concepts, {len(both)} responses, attention-soft-rfm, {n_statements} statements"
+    table.add("bf16", name, "identical responses", 100 * (both.response_fp32 == both.response_bf16).mean(), "%", note)
+    table.add("bf16", name, "equal judge scores", 100 * (both.score_fp32 == both.score_bf16).mean(), "%", note)
+    per_concept = {d: evaluation.concept_steerability(s) for d, s in scored.items()}
+    aligned = per_concept["float32"].merge(per_concept["bfloat16"], on=["concept_class", "concept"],
+                                           suffixes=("_fp32", "_bf16"))
+    paired = evaluation.paired_bootstrap(aligned.steerability_fp32, aligned.steerability_bf16)
+    table.add("bf16", name, "steerability fp32", paired["mean_a"], "", note + ", best-of-grid")
+    table.add("bf16", name, "steerability bf16", paired["mean_b"], "", note + ", best-of-grid")
+    table.add("bf16", name, "steerability bf16 - fp32", paired["diff"], "",
+              f"95% CI [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}], paired bootstrap over concepts, "
+              f"p {paired['p_value']:.2f}")
+
+
 def power_law(x, y, at: float) -> float:
     """y extrapolated to `at` with the log-log least-squares fit y = a x^b (exact for linear or quadratic growth)."""
     b, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
@@ -219,7 +281,8 @@ def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
               f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; power-law fits)")
 
 
-def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool) -> pd.DataFrame:
+def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool,
+        bf16_concepts_per_class: int = 1) -> pd.DataFrame:
     """All measurements for the given models; the first model also gets the RFM and memory sections."""
     table = Table()
     device = models.resolve_device("auto")
@@ -242,13 +305,15 @@ def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, 
             table.add("memory", name, "peak RSS, one default-profile concept", peak_rss(name), "GiB", "fresh process")
         notebook_times(table, name)
         del model
+        bench_bf16(table, name, grader, device, bf16_concepts_per_class)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
+    native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing
     for row in frame[frame.quantity == "achieved"].itertuples():
-        for dtype in ("fp32", "bf16"):
+        for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
             table.add("extraction", row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"],
                       "%", "")
-    table.add("machine", device, "threads", torch.get_num_threads(), "", f"torch {torch.__version__}, "
+    table.add("machine", device, "threads", torch.get_num_threads(), "", f"{models.cpu_name()}, torch {torch.__version__}, "
               f"{resource.getpagesize()} B pages, {time.strftime('%Y-%m-%d')}")
     return table.frame()
 
@@ -277,6 +342,10 @@ def plot(frame: pd.DataFrame):
     if len(nb):
         sns.barplot(nb, x="model", y="value", hue="quantity", ax=axes[3])
         axes[3].legend(title=None, fontsize=7)
+    else:
+        axes[3].text(0.5, 0.5, "no executed notebooks in runs/\n(run make all, then make bench)", ha="center",
+                     va="center", transform=axes[3].transAxes)
+        axes[3].set(xticks=[], yticks=[])
     axes[3].set(ylabel="minutes", xlabel="", title="make all (default profile)")
     return fig
 
@@ -288,8 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--statements", type=int, nargs="+", default=[16, 32, 64, 128], help="statement counts")
     parser.add_argument("--reference-statements", type=int, default=32, help="statements in the reference comparison")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
+    parser.add_argument("--bf16-concepts", type=int, default=1, help="concepts per class in the bf16 agreement check")
     args = parser.parse_args(argv)
-    frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss)
+    frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss, args.bf16_concepts)
     write_csv(frame, RESULTS_DIR / "bench.csv")
     plots.save_figure(plot(frame), FIGURES_DIR, "bench")
     with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 500):

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,6 +128,16 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo), with whether it has native bf16; for provenance tables."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return f"{name} ({'native' if cpu_has_fast_bf16() else 'no native'} bf16)"
+
+
 def resolve_device(device: str = "auto") -> str:
     """`auto` -> `cuda` when a GPU is visible, else `cpu`."""
     if device == "auto":
@@ -136,19 +147,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+# The precisions a run may ask for by name (the `dtype` notebook parameter and the Makefile's DTYPE).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
-    """`auto` -> bf16 on GPUs and on CPUs with native bf16, else fp32 (bf16 is emulated and slow there)."""
+    """`auto` -> fp32 on every CPU (the committed results' precision), bf16 on GPUs (fp16 where bf16 is missing).
+
+    bf16 on a CPU is an explicit choice (`dtype="bfloat16"`): fast with AMX / AVX512-BF16, emulated and
+    far slower without them (a warning says so). Which CPU runs never changes what `auto` means.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if dtype not in names:
-        raise ValueError(f"Unknown dtype '{dtype}'; use one of: auto, {', '.join(names)}.")
-    return names[dtype]
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use auto (fp32 on CPU, bf16 on GPU), {', '.join(DTYPES)}.")
+    if dtype == "bfloat16" and device == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn("dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16): it is emulated "
+                      "and many times slower than float32 here; use dtype='auto' or 'float32'.", stacklevel=2)
+    return DTYPES[dtype]
 
 
 def _convert_gguf(gguf: Path, key: str) -> Path:

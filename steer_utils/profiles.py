@@ -78,6 +78,12 @@ def _nulls() -> tuple[str, ...]:
     return NULLS
 
 
+def _dtypes() -> tuple[str, ...]:
+    from .models import DTYPES  # imports torch: only when a notebook has a `dtype` parameter
+
+    return ("auto", *DTYPES)
+
+
 def _block_sets() -> tuple[str, ...]:
     from .baselines import OURS_CANDIDATES  # imports torch: only when a notebook has a `block_set` parameter
 
@@ -99,6 +105,8 @@ PARAMETERS = {
               lambda v: isinstance(v, str) and bool(v.strip()), "-p model smollm2-135m", ""),
     "profile": (f"one of {', '.join(PROFILES)}", lambda v: isinstance(v, str) and v in PROFILES, "-p profile smoke",
                 ""),
+    "dtype": (lambda: f"one of {', '.join(_dtypes())}", lambda v: isinstance(v, str) and v in _dtypes(),
+              "-p dtype float32", ""),
     "seed": ("a non-negative integer", lambda v: _is_int(v) and v >= 0, "-p seed 0", _NUMBER_HINT),
     "n_concepts_per_class": ("a positive integer or None (the profile's value)", _optional_size,
                              "-p n_concepts_per_class 5", _NUMBER_HINT),

@@ -30,8 +30,18 @@ def package_versions() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_versions(folder: Path) -> Path:
-    """Write `versions.csv` (package, version) into a results folder; returns its path."""
+def write_versions(folder: Path, info=None) -> Path:
+    """Write `versions.csv` (package, version) into a results folder; returns its path.
+
+    With the loaded model's `ModelInfo` it also records the precision and device the results were computed in
+    (`dtype`, `device`) and the CPU, since bf16 and fp32 runs give different numbers.
+    """
+    from .models import cpu_name
+
     frame = package_versions()
-    frame.loc[len(frame)] = {"package": "platform", "version": f"{sys.platform}-{platform.machine()}"}
+    extra = {"platform": f"{sys.platform}-{platform.machine()}", "cpu": cpu_name()}
+    if info is not None:
+        extra |= {"dtype": info.dtype, "device": info.device}
+    for package, version in extra.items():
+        frame.loc[len(frame)] = {"package": package, "version": version}
     return write_csv(frame, Path(folder) / "versions.csv")

@@ -38,9 +38,8 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A saved 2-block random llama model + tokenizer (no chat template), loadable as a local path."""
+def save_tiny_llama(folder, initializer_range: float = 0.02):
+    """Save a 2-block random llama model + tokenizer (no chat template) into `folder`; returns it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -48,8 +47,20 @@ def tiny_model_dir(tmp_path_factory):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
+                         bos_token_id=tokenizer.bos_token_id, initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 2-block random llama model + tokenizer (no chat template), loadable as a local path."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny llama with 15x larger random weights: peaked attention and hidden states of ~20, so positions
+    matter as in a trained model (with the default init a one-position shift moves a state by under one bf16 ulp)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("sharp-llama"), initializer_range=0.3)

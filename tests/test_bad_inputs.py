@@ -234,6 +234,7 @@ def test_k_from_fraction_refuses_impossible_sizes(fraction, n, words):
     ("models", "smollm2-135m", ("models must be None or a non-empty list of model names", "lists need -y")),
     ("shard_index", "1", ("shard_index must be an integer", "'1' (str)", "-p shard_index")),
     ("num_shards", 0, ("num_shards must be at least 1", "use 1 for an unsharded run")),
+    ("dtype", "fp32", ("dtype must be one of auto, float32, bfloat16, float16", "'fp32' (str)", "-p dtype float32")),
     ("colour", "red", ("no rule for parameter 'colour'", "profiles.PARAMETERS")),
 ])
 def test_check_parameters(name, value, words):
@@ -242,7 +243,7 @@ def test_check_parameters(name, value, words):
 
 
 def test_check_parameters_accepts_the_documented_forms():
-    profiles.check_parameters(model="meta-llama/Llama-3.1-8B", profile="full", seed=3, n_statements=None,
+    profiles.check_parameters(model="meta-llama/Llama-3.1-8B", profile="full", dtype="bfloat16", seed=3, n_statements=None,
                               n_concepts_per_class=20, layer_concepts_per_class=None, tune_concepts_per_class=1,
                               fractions=(0.25, 1), eps_grid=[1, 0.5], alpha=0.01, fdr_level=0.05, null="contiguous",
                               n_draws=10, n_random=1, n_depth_bins=4, block_set="top-50%", models=["a", "b/c"],

@@ -33,3 +33,26 @@ def test_notebook_times_read_papermill_metadata(tmp_path, monkeypatch):
     table = bench.Table()
     assert bench.notebook_times(table, "some-model") == {"01_token_selection": 1.5}
     assert table.frame().quantity.tolist() == ["01_token_selection", "total"]
+
+
+def test_bf16_section_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    """With native bf16 (forced here on any CPU) the section measures speed and agreement; without it, one row."""
+    from steer_utils import cache, judge, pipeline
+
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    table = bench.Table()
+    bench.bench_bf16(table, str(tiny_model_dir), None, "cpu")
+    assert table.frame().quantity.tolist() == ["skipped"] and "no native bf16" in table.frame().note[0]
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    table = bench.Table()
+    bench.bench_bf16(table, str(tiny_model_dir), judge.load_judge("embedding"), "cpu", n_statements=4, max_new_tokens=3)
+    frame = table.frame().set_index("quantity")
+    assert {"extract, bfloat16", "generate: speed-up of bf16", "identical responses", "steerability bf16 - fp32"} \
+        <= set(frame.index)
+    assert 0 <= frame.value["identical responses"] <= 100 and 0 <= frame.value["equal judge scores"] <= 100
+    assert frame.value["steerability bf16 - fp32"] == pytest.approx(
+        frame.value["steerability bf16"] - frame.value["steerability fp32"])
+    assert "5 concepts" in frame.note["identical responses"]
+    assert len(list(tmp_path.rglob("*.vector.safetensors"))) == 2 * 5, "fp32 and bf16 cached under their own keys"

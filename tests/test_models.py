@@ -1,4 +1,4 @@
-"""Model loading: dtype/device choice, clear errors, a local tiny model, and both bundled models."""
+"""Model loading: device choice (dtype: test_precision.py), clear errors, a local tiny model, and both bundled models."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,17 +7,6 @@ import pytest
 import torch
 
 from steer_utils import models
-
-
-def test_dtype_follows_cpu_bf16_support(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
-    assert models.resolve_dtype("auto", "cpu") == torch.float32
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
-    assert models.resolve_dtype("auto", "cpu") == torch.bfloat16
-    assert models.resolve_dtype("float32", "cpu") == torch.float32
-    assert models.resolve_dtype(torch.float16) == torch.float16
-    with pytest.raises(ValueError, match="Unknown dtype 'float8'"):
-        models.resolve_dtype("float8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return models.load_model("smollm2-135m")
+    """SmolLM2 in fp32, the precision every tolerance below is stated for (bf16: tests/test_precision.py)."""
+    return models.load_model("smollm2-135m", dtype="float32")
 
 
 def test_two_concepts_end_to_end(smollm2, tmp_path_factory, monkeypatch):

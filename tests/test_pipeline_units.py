@@ -54,10 +54,23 @@ def test_extraction_matches_a_simple_reference_pass(tiny, prompts):
         torch.testing.assert_close(ours.attn_prefix[0, block], expected, atol=1e-6, rtol=1e-5)
 
 
+# Fast path vs reference loop, per model precision: (atol as a share of the largest |value|, rtol).
+# fp32: both paths differ only in summation order (measured ~1e-6 of the scale on SmolLM2 and the tiny models).
+# bf16: one rounding is 2^-8 of a value; AMX/oneDNN kernels and the emulated path accumulate in different orders,
+# so a few roundings per block are allowed (tests/test_precision.py checks that a one-position shift, what a
+# padding or position-id bug does, still exceeds these bounds).
+HIDDEN_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2 ** -7)}
+ATTENTION_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2 ** -7)}
+VECTOR_COSINE = {torch.float32: 0.999, torch.bfloat16: 0.99}
+
+
 def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, concept: str, statements: list[str],
                                        batch_size: int = 3) -> None:
     """Shared-prefix batched extraction vs the batch-1 two-pass loop: same hidden states (all blocks but the last,
-    which `output_hidden_states` returns after the final norm), attention sums, labels and vectors."""
+    which `output_hidden_states` returns after the final norm), attention sums, labels and vectors, within the
+    tolerances of the model's precision."""
+    dtype = next(model.parameters()).dtype
+    (h_atol, h_rtol), (a_atol, a_rtol) = HIDDEN_TOLERANCE[dtype], ATTENTION_TOLERANCE[dtype]
     prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
     n_tail = len(data.shared_tail(prefixed + plain))
     assert shared_length(prefixed, n_tail) > 0  # the fast path really reuses a shared part
@@ -65,21 +78,26 @@ def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, con
     slow = [extract_reference(model, p, n_tail) for p in (prefixed, plain)]
     for ours, ref in zip(fast, slow):
         scale = ref.hidden.abs().amax()
-        torch.testing.assert_close(ours.hidden[:, :-1], ref.hidden[:, :-1], atol=2e-5 * scale, rtol=1e-4)
-        torch.testing.assert_close(ours.attn_prefix, ref.attn_prefix, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.hidden[:, :-1], ref.hidden[:, :-1], atol=h_atol * scale, rtol=h_rtol)
+        torch.testing.assert_close(ours.attn_prefix, ref.attn_prefix, atol=a_atol, rtol=a_rtol)
     lengths, spans = user_layout(prefixed)
     on_prefix = torch.stack([fast[0].attn_user[i, ..., s:e].sum(-1) for i, (s, e) in enumerate(spans.tolist())])
-    torch.testing.assert_close(on_prefix.transpose(2, 3), fast[0].attn_prefix, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(on_prefix.transpose(2, 3), fast[0].attn_prefix, atol=1e-6, rtol=1e-5)  # same pass
     tail = data.tail_token_names(tokenizer, data.shared_tail(prefixed + plain))
     acts = [pipeline.ConceptActivations(concept_class, concept, p, q, tail, lengths, spans) for p, q in (fast, slow)]
     setting = pipeline.Setting("attention", "soft", "rfm")
     (x_fast, y_fast, _, chosen_fast), (x_ref, y_ref, _, chosen_ref) = (pipeline.training_set(a, setting) for a in acts)
-    assert torch.equal(chosen_fast, chosen_ref)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-4, rtol=1e-4)
+    # A block may pick another token only where the reference's two best positions tie within the tolerance.
+    top2 = slow[0].attn_prefix_mean.amax(0).topk(2, dim=-1).values  # (n_blocks, 2)
+    tied = (top2[:, 0] - top2[:, 1]) <= 2 * a_atol
+    assert ((chosen_fast == chosen_ref) | tied).all()
+    same = chosen_fast == chosen_ref
+    torch.testing.assert_close(y_fast[:, same], y_ref[:, same], atol=1e-4 if dtype == torch.float32 else 0.05,
+                               rtol=1e-4 if dtype == torch.float32 else 0.05)
     keep = slice(0, x_fast.shape[1] - 1)
     v_fast, v_ref = (vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref)))
-    cosine = torch.nn.functional.cosine_similarity(v_fast[0], v_ref[0], dim=-1).abs()
-    assert cosine.min() > 0.999, cosine
+    cosine = torch.nn.functional.cosine_similarity(v_fast[0], v_ref[0], dim=-1).abs()[same[keep]]
+    assert cosine.min() > VECTOR_COSINE[dtype], cosine
 
 
 def test_fast_extraction_matches_the_reference_loop(tiny):

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import ast
 import json
+import platform
 import subprocess
 
+import pandas as pd
 import pytest
+import torch
 
-from steer_utils import lockfile, profiles, provenance
+from steer_utils import lockfile, models, profiles, provenance
 from steer_utils.paths import NOTEBOOKS_DIR, ROOT
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -40,10 +43,28 @@ def test_profiles_and_overrides():
         profiles.resolve_profile("smoke", n_statements="10")
 
 
+def _dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_makefile_passes_dtype_to_the_notebooks_that_load_a_model():
+    commands = [line for line in _dry_run("all", "MODELS=m", "DTYPE=bfloat16").stdout.splitlines()
+                if "notebooks/" in line and ".ipynb runs/" in line]
+    with_dtype = {line.split("notebooks/")[1].split(".ipynb")[0] for line in commands if "-p dtype bfloat16" in line}
+    assert with_dtype == {"01_token_selection", "02_soft_vs_hard_labels", "03_layer_enrichment", "05_baselines"}
+    assert len(commands) == len(NOTEBOOKS)  # 00 and 04 run too, without a dtype
+    assert "-p dtype auto" in _dry_run("01_token_selection", "MODELS=m").stdout  # the default
+    refused = _dry_run("01_token_selection", "DTYPE=fp64")
+    assert refused.returncode != 0 and "DTYPE=fp64 is not a precision; use auto" in refused.stderr
+
+
 def test_versions_are_written(tmp_path):
-    frame = provenance.write_versions(tmp_path)
-    text = frame.read_text()
-    assert "torch," in text and "transformers," in text and "python," in text
+    versions = pd.read_csv(provenance.write_versions(tmp_path)).set_index("package").version
+    assert versions["torch"] == torch.__version__ and versions["python"] == platform.python_version()
+    assert versions["transformers"] != "not installed" and "dtype" not in versions  # no model given
+    info = models.ModelInfo("m", "src", 2, 8, 2, "float32", "cpu", "native")
+    versions = pd.read_csv(provenance.write_versions(tmp_path, info)).set_index("package").version
+    assert (versions["dtype"], versions["device"]) == ("float32", "cpu") and "bf16)" in versions["cpu"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
