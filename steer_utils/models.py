@@ -119,22 +119,24 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
+def _cpuinfo() -> str:
+    """The text of /proc/cpuinfo ('' where there is none, e.g. macOS)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo), with whether it has native bf16; for provenance tables."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                "unknown CPU")
     return f"{name} ({'native' if cpu_has_fast_bf16() else 'no native'} bf16)"
 
 

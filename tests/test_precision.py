@@ -10,11 +10,13 @@ import sys
 import textwrap
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 
 from steer_utils import data, extraction, models, provenance, steering, vectors
-from tests.test_pipeline_units import assert_fast_path_matches_reference
+from steer_utils.paths import ROOT
+from tests.test_pipeline_units import HIDDEN_TOLERANCE, assert_fast_path_matches_reference
 
 
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "emulated-bf16"])
@@ -61,8 +63,6 @@ def tiny_bf16(sharp_model_dir):
 def test_bf16_model_and_its_provenance(tiny_bf16, tmp_path):
     model, _, info = tiny_bf16
     assert info.dtype == "bfloat16" and next(model.parameters()).dtype == torch.bfloat16
-    import pandas as pd
-
     versions = pd.read_csv(provenance.write_versions(tmp_path, info)).set_index("package").version
     assert versions["dtype"] == "bfloat16" and versions["device"] == "cpu"
     assert versions["torch"] == torch.__version__ and "bf16" in versions["cpu"]
@@ -81,8 +81,6 @@ def _tail_states(model, prompt, n_tail: int) -> torch.Tensor:
 def test_the_tolerances_catch_a_position_error(sharp_model_dir, monkeypatch, dtype):
     """A prompt whose tokens sit one position later (what a padding or position-id bug does) moves the tail's
     hidden states by far more than the tolerance the fast-vs-reference test allows in that precision."""
-    from tests.test_pipeline_units import HIDDEN_TOLERANCE
-
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     model, tokenizer, _ = models.load_model(str(sharp_model_dir), dtype=dtype, device="cpu")
     prefixed, plain = data.paired_prompts(tokenizer, "moods", "Cheerful", data.load_statements(n=2))
@@ -134,7 +132,7 @@ def test_many_rfm_fits_in_one_process_finish_and_match_single_fits(tmp_path):
     timeout and give the vectors each concept gets when fitted alone here."""
     n_concepts, out = 20, tmp_path / "many.pt"
     subprocess.run([sys.executable, "-c", textwrap.dedent(_MANY_FITS), str(out), str(n_concepts)], check=True,
-                   timeout=600, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                   timeout=600, cwd=str(ROOT))
     many = torch.load(out)  # (n_concepts, n_blocks, d)
     assert many.shape == (n_concepts, 3, 48) and torch.isfinite(many).all()
     for index in (0, n_concepts // 2, n_concepts - 1):
