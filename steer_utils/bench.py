@@ -12,7 +12,7 @@ Measured in one run:
   extraction and fitting grow with statements and blocks (least-squares slope, log-log exponent);
 - RFM fit time of one block vs number of examples; peak RSS of a default-profile concept in a fresh process;
 - wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
-  notebook 01 on the `full` profile (512 concepts, all statements, five questions);
+  notebook 01 on the `full` profile (492 concepts: all but the development split; all statements, five questions);
 - bf16 against fp32 (speed of extraction and generation; identical responses, equal judge scores and the
   steerability difference on a concept sample), where the CPU has native bf16 or on a GPU; skipped otherwise.
 
@@ -271,8 +271,8 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
 
 
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
-    """Notebook 01 on the `full` profile: 512 concepts, all statements, 3 settings, five questions."""
-    n_concepts, n_statements = len(data.all_concepts()), len(data.load_statements())
+    """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5 questions."""
+    n_concepts, n_statements = len(data.sample_concepts(None)), len(data.load_statements())
     extract_s = power_law(costs["counts"], costs["extract"], n_statements)
     fit_s = len(SETTINGS) * power_law(costs["counts"], costs["fit"], n_statements)
     per_concept = extract_s + fit_s + costs["generate"] + costs["judge"]

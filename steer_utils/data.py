@@ -71,21 +71,81 @@ def all_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
-    """A fixed, seeded, stratified sample: `n_per_class` concepts of each class (None = all).
+# The development split: concepts 22-25 of each class's seed-0 order (4 per class, 20 in all). Protocol choices
+# (coefficient grid, scaling, system prompt, training data, contrastive negatives) are made on these concepts
+# only (notebook 06); every sample below excludes them, whatever its seed or size. Positions 1-20 are the
+# default profile's evaluation sample and position 21 is notebook 05's SADI tuning concept, so the split is
+# disjoint from both, and excluding it leaves every seed-0 sample of up to 21 concepts per class unchanged.
+DEVELOPMENT_SEED = 0
+DEVELOPMENT_POSITIONS = range(21, 25)
 
-    Each class is shuffled by its own seeded permutation and the first n are kept, so a
-    smaller sample is always contained in a larger one with the same seed.
+
+def _class_order(rows: pd.DataFrame, seed: int, k: int) -> np.ndarray:
+    """The seeded permutation of one class's concepts (k: the class's index in CLASSES)."""
+    return np.random.default_rng([seed, k]).permutation(len(rows))
+
+
+def development_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """The development split (4 concepts per class), on which protocol choices are made; never reported."""
+    table, frames = all_concepts(concepts_dir), []
+    for k, cls in enumerate(CLASSES):
+        rows = table[table.concept_class == cls]
+        order = _class_order(rows, DEVELOPMENT_SEED, k)
+        frames.append(rows.iloc[order[[p for p in DEVELOPMENT_POSITIONS if p < len(rows)]]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """A fixed, seeded, stratified sample: `n_per_class` concepts of each class (None = all), never a development one.
+
+    Each class is shuffled by its own seeded permutation, the development split is removed from it and the
+    first n are kept, so a smaller sample is always contained in a larger one with the same seed.
     """
     if n_per_class is not None and (not isinstance(n_per_class, int) or n_per_class < 1):
         raise ValueError(f"n_per_class must be a positive integer or None (all), got {n_per_class!r}.")
     frames = []
     table = all_concepts(concepts_dir)
+    dev = development_concepts(concepts_dir)
+    development = set(dev.concept_class + "/" + dev.concept)
     for k, cls in enumerate(CLASSES):
         rows = table[table.concept_class == cls]
-        order = np.random.default_rng([seed, k]).permutation(len(rows))
-        frames.append(rows.iloc[order[:n_per_class]])
+        order = rows.iloc[_class_order(rows, seed, k)]
+        order = order[~(order.concept_class + "/" + order.concept).isin(development)]
+        frames.append(order.iloc[:n_per_class])
     return pd.concat(frames, ignore_index=True)
+
+
+def named_concepts(concepts: list[str] | str | Path, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """Your own concepts in place of a seeded sample: `class/name` strings, or a file of them (one per line).
+
+    Any name is allowed (it need not be in the benchmark's lists); the class must be one of CLASSES, since it
+    decides the prefix template and the questions. Columns as `sample_concepts` (`index` is -1 for a name that is
+    not in the benchmark).
+    """
+    if isinstance(concepts, (str, Path)):
+        entries = read_lines(Path(concepts), "Concepts")
+    elif isinstance(concepts, (list, tuple)) and concepts and all(isinstance(c, str) for c in concepts):
+        entries = [unicodedata.normalize("NFC", c.strip()) for c in concepts]
+    else:
+        raise ValueError(f"concepts must be a list of 'class/name' strings or a file path, got {concepts!r}; "
+                         "e.g. ['fears/heights', 'places/Lisbon'].")
+    table, rows = all_concepts(concepts_dir), []
+    for entry in entries:
+        concept_class, _, name = entry.partition("/")
+        if not name.strip():
+            raise ValueError(f"Concept {entry!r} is not written 'class/name'; e.g. 'moods/Cheerful' "
+                             f"(classes: {', '.join(CLASSES)}).")
+        check_class(concept_class.strip())
+        name = name.strip()
+        known = table[(table.concept_class == concept_class.strip()) & (table.concept.str.casefold() == name.casefold())]
+        rows.append({"concept_class": concept_class.strip(), "concept": known.concept.iloc[0] if len(known) else name,
+                     "index": int(known["index"].iloc[0]) if len(known) else -1})
+    frame = pd.DataFrame(rows)
+    repeated = frame[frame.duplicated(["concept_class", "concept"])]
+    if len(repeated):
+        raise ValueError(f"Concepts given twice: {(repeated.concept_class + '/' + repeated.concept).tolist()[:5]}; "
+                         "remove the repeats.")
+    return frame
 
 
 def load_statements(path: Path = STATEMENTS_FILE, n: int | None = None) -> list[str]:

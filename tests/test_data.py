@@ -4,10 +4,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from steer_utils import data
-from steer_utils.paths import CONCEPTS_DIR
+from steer_utils.paths import CONCEPTS_DIR, ROOT
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "concepts"
 EXPECTED_COUNTS = {"fears": 101, "places": 104, "personas": 103, "experts": 102, "moods": 102}
@@ -73,7 +74,41 @@ def test_sample_is_fixed_stratified_and_nested():
     large = data.sample_concepts(20, seed=0)
     assert set(zip(small.concept_class, small.concept)) <= set(zip(large.concept_class, large.concept))
     assert not small.equals(data.sample_concepts(3, seed=1))
-    assert len(data.sample_concepts(None)) == 512
+    assert len(data.sample_concepts(None)) == 512 - len(data.development_concepts())
+
+
+def test_development_split_is_apart_from_every_sample():
+    dev = data.development_concepts()
+    assert dev.groupby("concept_class").size().to_dict() == {c: 4 for c in data.CLASSES}
+    dev_names = set(zip(dev.concept_class, dev.concept))
+    assert ("places", "Vienna") in dev_names and ("moods", "Serene") in dev_names
+    for n, seed in ((20, 0), (21, 0), (None, 0), (None, 1), (30, 3)):
+        sample = data.sample_concepts(n, seed=seed)
+        assert not dev_names & set(zip(sample.concept_class, sample.concept)), (n, seed)
+    # Excluding the split leaves the committed seed-0 samples as they were (the default profile's 20 per class).
+    committed = pd.read_csv(ROOT / "results" / "smollm2-135m" / "01_generations.csv", usecols=["concept_class", "concept"])
+    sample = data.sample_concepts(20, seed=0)
+    assert set(zip(committed.concept_class, committed.concept)) == set(zip(sample.concept_class, sample.concept))
+
+
+def test_named_concepts_from_a_list_or_a_file(tmp_path):
+    table = data.named_concepts(["fears/heights", "places/Atlantis Station", " moods / Cheerful "])
+    assert table.concept_class.tolist() == ["fears", "places", "moods"]
+    assert table.concept.tolist() == ["Heights", "Atlantis Station", "Cheerful"]  # benchmark spelling when known
+    assert table["index"].tolist()[1] == -1 and min(table["index"].tolist()[::2]) >= 0
+    path = tmp_path / "mine.txt"
+    path.write_text("experts/Glaciologist\npersonas/Ada Lovelace\n", encoding="utf-8")
+    assert data.named_concepts(path).concept.tolist() == ["Glaciologist", "Ada Lovelace"]
+    with pytest.raises(ValueError, match="Unknown concept class 'colours'"):
+        data.named_concepts(["colours/red"])
+    with pytest.raises(ValueError, match="not written 'class/name'"):
+        data.named_concepts(["heights"])
+    with pytest.raises(ValueError, match="given twice"):
+        data.named_concepts(["fears/heights", "fears/Heights"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.named_concepts(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="list of 'class/name' strings"):
+        data.named_concepts([])
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, "3"])

@@ -63,6 +63,7 @@ HIDDEN_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2 ** -7)
 ATTENTION_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2 ** -7)}
 LABEL_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (0.05, 0.05)}  # (atol, rtol) of the soft labels
 VECTOR_COSINE = {torch.float32: 0.999, torch.bfloat16: 0.99}
+VAL_CORR_TIE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # grid points whose held-out |corr| differ by this tie
 
 
 def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, concept: str, statements: list[str],
@@ -96,8 +97,16 @@ def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, con
     y_atol, y_rtol = LABEL_TOLERANCE[dtype]
     torch.testing.assert_close(y_fast[:, same], y_ref[:, same], atol=y_atol, rtol=y_rtol)
     keep = slice(0, x_fast.shape[1] - 1)
-    v_fast, v_ref = (vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref)))
-    cosine = torch.nn.functional.cosine_similarity(v_fast[0], v_ref[0], dim=-1).abs()[same[keep]]
+    (v_fast, fit_fast), (v_ref, fit_ref) = (vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref)))
+    # Likewise a block may fit with another (bandwidth, normalisation) only where the two grid points' held-out
+    # correlations tie (seen on SmolLM2 with Intel's fp32 kernels: 0.89702 vs 0.89730 at block 22, cosine 0.98).
+    grid = [{k: f[k] for k in ("bandwidth", "row_normalise")} for f in fit_fast]
+    same_fit = torch.tensor([a == {k: b[k] for k in a} for a, b in zip(grid, fit_ref)])
+    corr_gap = torch.tensor([abs(a["val_corr"] - b["val_corr"]) for a, b in zip(fit_fast, fit_ref)])
+    assert (same_fit | (corr_gap <= VAL_CORR_TIE[dtype])).all(), corr_gap
+    compared = same[keep] & same_fit
+    assert compared.float().mean() >= 0.8  # ties are the exception: most blocks are compared
+    cosine = torch.nn.functional.cosine_similarity(v_fast, v_ref, dim=-1).abs()[compared]
     assert cosine.min() > VECTOR_COSINE[dtype], cosine
 
 
