@@ -118,9 +118,9 @@ def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path =
 def named_concepts(concepts: list[str] | str | Path, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
     """Your own concepts in place of a seeded sample: `class/name` strings, or a file of them (one per line).
 
-    Any name is allowed (it need not be in the benchmark's lists); the class must be one of CLASSES, since it
-    decides the prefix template and the questions. Columns as `sample_concepts` (`index` is -1 for a name that is
-    not in the benchmark).
+    The class must be one of CLASSES (it decides the prefix template and the questions) and the name one of its
+    list in data/concepts/ (case-insensitive), since the judge ranks a response against that list. Columns as
+    `sample_concepts`.
     """
     if isinstance(concepts, (str, Path)):
         entries = read_lines(Path(concepts), "Concepts")
@@ -138,8 +138,11 @@ def named_concepts(concepts: list[str] | str | Path, concepts_dir: Path = CONCEP
         check_class(concept_class.strip())
         name = name.strip()
         known = table[(table.concept_class == concept_class.strip()) & (table.concept.str.casefold() == name.casefold())]
-        rows.append({"concept_class": concept_class.strip(), "concept": known.concept.iloc[0] if len(known) else name,
-                     "index": int(known["index"].iloc[0]) if len(known) else -1})
+        if not len(known):
+            raise ValueError(f"Concept {entry!r} is not in data/concepts/{concept_class.strip()}.txt; the judge scores "
+                             "a response by ranking the class's concepts, so add the name to that file first.")
+        rows.append({"concept_class": concept_class.strip(), "concept": known.concept.iloc[0],
+                     "index": int(known["index"].iloc[0])})
     frame = pd.DataFrame(rows)
     repeated = frame[frame.duplicated(["concept_class", "concept"])]
     if len(repeated):

@@ -128,6 +128,10 @@ PARAMETERS = {
              "-p null scattered", ""),
     "block_set": (lambda: f"one of auto, {', '.join(_block_sets())}",
                   lambda v: isinstance(v, str) and (v == "auto" or v in _block_sets()), "-p block_set auto", ""),
+    "concepts": ("None (the seeded sample), a file path, or a non-empty list of 'class/name' strings",
+                 lambda v: v is None or (isinstance(v, str) and bool(v.strip()))
+                 or _list_of(lambda c: isinstance(c, str) and bool(c.strip()))(v),
+                 "-y 'concepts: [fears/heights, places/Lisbon]'", _LIST_HINT),
     "models": ("None or a non-empty list of model names",
                lambda v: v is None or _list_of(lambda m: isinstance(m, str) and bool(m.strip()))(v),
                "-y 'models: [smollm2-135m, gemma3-270m]'", _LIST_HINT),

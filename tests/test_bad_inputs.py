@@ -289,7 +289,8 @@ def test_notebooks_check_every_parameter_first(path):
 
 
 BAD_VALUES = {"model": 7, "profile": "tiny", "models": "smollm2-135m", "fractions": "0.25", "eps_grid": "[0.1]",
-              "null": "exact", "block_set": 3, "alpha": "0.01", "fdr_level": 1.0, "shard_index": "0"}
+              "null": "exact", "block_set": 3, "alpha": "0.01", "fdr_level": 1.0, "shard_index": "0",
+              "concepts": 3}
 
 
 def _bad_value(name: str):

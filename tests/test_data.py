@@ -92,13 +92,16 @@ def test_development_split_is_apart_from_every_sample():
 
 
 def test_named_concepts_from_a_list_or_a_file(tmp_path):
-    table = data.named_concepts(["fears/heights", "places/Atlantis Station", " moods / Cheerful "])
-    assert table.concept_class.tolist() == ["fears", "places", "moods"]
-    assert table.concept.tolist() == ["Heights", "Atlantis Station", "Cheerful"]  # benchmark spelling when known
-    assert table["index"].tolist()[1] == -1 and min(table["index"].tolist()[::2]) >= 0
+    table = data.named_concepts(["fears/heights", " moods / Cheerful "])
+    assert table.concept_class.tolist() == ["fears", "moods"]
+    assert table.concept.tolist() == ["Heights", "Cheerful"]  # the benchmark's spelling
+    assert table["index"].tolist() == [data.load_concepts("fears").index("Heights"),
+                                       data.load_concepts("moods").index("Cheerful")]
     path = tmp_path / "mine.txt"
-    path.write_text("experts/Glaciologist\npersonas/Ada Lovelace\n", encoding="utf-8")
-    assert data.named_concepts(path).concept.tolist() == ["Glaciologist", "Ada Lovelace"]
+    path.write_text("places/vienna\nmoods/Serene\n", encoding="utf-8")
+    assert data.named_concepts(path).concept.tolist() == ["Vienna", "Serene"]
+    with pytest.raises(ValueError, match="not in data/concepts/places.txt"):
+        data.named_concepts(["places/Atlantis Station"])
     with pytest.raises(ValueError, match="Unknown concept class 'colours'"):
         data.named_concepts(["colours/red"])
     with pytest.raises(ValueError, match="not written 'class/name'"):
@@ -135,3 +138,15 @@ def test_questions_file_missing_a_class(tmp_path):
     path.write_text("fears: ['Why? Answer in 20 words or less.']\n")
     with pytest.raises(ValueError, match="no questions for: places"):
         data.load_questions(path)
+
+
+def test_concepts_parameter_is_checked_before_any_work():
+    from steer_utils import profiles
+
+    profiles.check_parameters(concepts=None)
+    profiles.check_parameters(concepts=["fears/heights", "places/Lisbon"])
+    profiles.check_parameters(concepts="my_concepts.txt")
+    with pytest.raises(ValueError, match="Parameter concepts must be .*class/name.*-y 'concepts:"):
+        profiles.check_parameters(concepts=3)
+    with pytest.raises(ValueError, match="Parameter concepts must be"):
+        profiles.check_parameters(concepts=[])
