@@ -85,14 +85,19 @@ def _class_order(rows: pd.DataFrame, seed: int, k: int) -> np.ndarray:
     return np.random.default_rng([seed, k]).permutation(len(rows))
 
 
-def development_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
-    """The development split (4 concepts per class), on which protocol choices are made; never reported."""
-    table, frames = all_concepts(concepts_dir), []
+def _development_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The development split's rows of `all_concepts`' table, keeping the table's index."""
+    frames = []
     for k, cls in enumerate(CLASSES):
         rows = table[table.concept_class == cls]
         order = _class_order(rows, DEVELOPMENT_SEED, k)
         frames.append(rows.iloc[order[[p for p in DEVELOPMENT_POSITIONS if p < len(rows)]]])
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames)
+
+
+def development_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """The development split (4 concepts per class), on which protocol choices are made; never reported."""
+    return _development_rows(all_concepts(concepts_dir)).reset_index(drop=True)
 
 
 def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
@@ -105,13 +110,11 @@ def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path =
         raise ValueError(f"n_per_class must be a positive integer or None (all), got {n_per_class!r}.")
     frames = []
     table = all_concepts(concepts_dir)
-    dev = development_concepts(concepts_dir)
-    development = set(dev.concept_class + "/" + dev.concept)
+    development = _development_rows(table).index
     for k, cls in enumerate(CLASSES):
         rows = table[table.concept_class == cls]
         order = rows.iloc[_class_order(rows, seed, k)]
-        order = order[~(order.concept_class + "/" + order.concept).isin(development)]
-        frames.append(order.iloc[:n_per_class])
+        frames.append(order[~order.index.isin(development)].iloc[:n_per_class])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -131,17 +134,16 @@ def named_concepts(concepts: list[str] | str | Path, concepts_dir: Path = CONCEP
                          "e.g. ['fears/heights', 'places/Lisbon'].")
     table, rows = all_concepts(concepts_dir), []
     for entry in entries:
-        concept_class, _, name = entry.partition("/")
-        if not name.strip():
+        concept_class, _, name = (part.strip() for part in entry.partition("/"))
+        if not name:
             raise ValueError(f"Concept {entry!r} is not written 'class/name'; e.g. 'moods/Cheerful' "
                              f"(classes: {', '.join(CLASSES)}).")
-        check_class(concept_class.strip())
-        name = name.strip()
-        known = table[(table.concept_class == concept_class.strip()) & (table.concept.str.casefold() == name.casefold())]
+        check_class(concept_class)
+        known = table[(table.concept_class == concept_class) & (table.concept.str.casefold() == name.casefold())]
         if not len(known):
-            raise ValueError(f"Concept {entry!r} is not in data/concepts/{concept_class.strip()}.txt; the judge scores "
+            raise ValueError(f"Concept {entry!r} is not in data/concepts/{concept_class}.txt; the judge scores "
                              "a response by ranking the class's concepts, so add the name to that file first.")
-        rows.append({"concept_class": concept_class.strip(), "concept": known.concept.iloc[0],
+        rows.append({"concept_class": concept_class, "concept": known.concept.iloc[0],
                      "index": int(known["index"].iloc[0])})
     frame = pd.DataFrame(rows)
     repeated = frame[frame.duplicated(["concept_class", "concept"])]
