@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch and pandas are imported where used, so the command li
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 # Stages whose entries sit in one folder per model (cache/<stage>/<model>/).
-PER_MODEL_STAGES = ("generations", "layers", "baselines", "sadi")
+PER_MODEL_STAGES = ("generations", "layers", "baselines", "sadi", "study")
 
 
 def cache_key(stage: str, version: int, **inputs) -> str:

@@ -95,9 +95,16 @@ def _development_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames)
 
 
-def development_concepts(concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
-    """The development split (4 concepts per class), on which protocol choices are made; never reported."""
-    return _development_rows(all_concepts(concepts_dir)).reset_index(drop=True)
+def development_concepts(n_per_class: int | None = None, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
+    """The development split (4 concepts per class; the first `n_per_class` of each), on which protocol choices are
+    made; never reported."""
+    most = len(DEVELOPMENT_POSITIONS)
+    if n_per_class is not None and (isinstance(n_per_class, bool) or not isinstance(n_per_class, int)
+                                    or not 1 <= n_per_class <= most):
+        raise ValueError(f"The development split has {most} concepts per class; n_per_class must be 1..{most} or "
+                         f"None (all), got {n_per_class!r}.")
+    rows = _development_rows(all_concepts(concepts_dir))
+    return rows.groupby("concept_class", sort=False).head(n_per_class or most).reset_index(drop=True)
 
 
 def sample_concepts(n_per_class: int | None, seed: int = 0, concepts_dir: Path = CONCEPTS_DIR) -> pd.DataFrame:
@@ -187,9 +194,16 @@ def user_text(statement: str, prefix: str | None = None) -> str:
     return f"{prefix} {body}" if prefix else body
 
 
-def render_prompt(tokenizer, user: str) -> str:
-    """`user` wrapped in the model's chat template, ending with the generation prompt."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, user: str, system: str | None = None) -> str:
+    """`user` wrapped in the model's chat template, ending with the generation prompt.
+
+    system: None passes no system message (the template may add its own default, as SmolLM2's does); a string
+    (even '') is passed as the system message.
+    """
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass(frozen=True)
@@ -227,11 +241,13 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return ids
 
 
-def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str | None = None) -> EncodedPrompt:
-    """Render and tokenize one prompt, locating the prefix span and the tail after the user text."""
+def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str | None = None,
+                  system: str | None = None) -> EncodedPrompt:
+    """Render and tokenize one prompt (with `system` as in `render_prompt`), locating the prefix span and the tail
+    after the user text."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("Token bookkeeping needs a fast (Rust) tokenizer with offsets; load it with use_fast=True.")
-    text = render_prompt(tokenizer, user)
+    text = render_prompt(tokenizer, user, system)
     user_char = text.rfind(user)
     if user_char < 0:
         raise ValueError("The chat template altered the user text, so token positions cannot be located; use a "
@@ -269,12 +285,27 @@ def paired_messages(concept_class: str, concept: str, statements: list[str]) -> 
     return [user_text(s, prefix) for s in statements], [user_text(s) for s in statements]
 
 
-def paired_prompts(tokenizer, concept_class: str, concept: str, statements: list[str]):
-    """(prefixed, unprefixed) EncodedPrompts for one concept, one pair per statement."""
+def paired_prompts(tokenizer, concept_class: str, concept: str, statements: list[str], system: str | None = None):
+    """(prefixed, unprefixed) EncodedPrompts for one concept, one pair per statement (`system`: see `render_prompt`)."""
     prefix = prefix_text(concept_class, concept)
     prefixed, plain = paired_messages(concept_class, concept, statements)
-    return ([encode_prompt(tokenizer, m, prefix, concept) for m in prefixed],
-            [encode_prompt(tokenizer, m) for m in plain])
+    return ([encode_prompt(tokenizer, m, prefix, concept, system) for m in prefixed],
+            [encode_prompt(tokenizer, m, system=system) for m in plain])
+
+
+def neighbour_concepts(concept_class: str, concept: str, k: int, after: bool = True,
+                       concepts_dir: Path = CONCEPTS_DIR) -> list[str]:
+    """The k concepts that follow `concept` in its class's benchmark list (or precede it, `after=False`), wrapping
+    around the list's end; the class-contrastive negatives of a concept (those after it) and the held-out concepts
+    its separation is measured against (those before it)."""
+    names = load_concepts(concept_class, concepts_dir)
+    folded = [n.casefold() for n in names]
+    if concept.casefold() not in folded:
+        raise ValueError(f"Concept {concept!r} is not in data/concepts/{concept_class}.txt; add it there first.")
+    if not 0 <= k < len(names):
+        raise ValueError(f"k must be in 0..{len(names) - 1} (the other concepts of {concept_class}), got {k}.")
+    at, step = folded.index(concept.casefold()), 1 if after else -1
+    return [names[(at + step * i) % len(names)] for i in range(1, k + 1)]
 
 
 def shared_tail(prompts: list[EncodedPrompt]) -> list[int]:

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% if message['role'] == 'system' %}{% if message['content'] %}{{ message['content'] }}\n\n{% endif %}"
     "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
     "{% else %}Assistant: {{ message['content'] }}\n"
     "{% endif %}"

@@ -18,6 +18,7 @@ from . import data, enrichment, evaluation, extraction, labels, selection, steer
 from .cache import atomic_write, cache_key, upstream_versions
 from .extraction import Activations, extract_cached, user_layout
 from .paths import CACHE_DIR, model_slug
+from .protocol import PAPER, Protocol
 
 # Bump when token selection, labels, vector fitting, enrichment or steered generation change their results;
 # every generations/layers/baselines entry is then recomputed. 2: generation with SDPA attention.
@@ -61,13 +62,18 @@ class ConceptActivations:
     tail: list[str]
     user_lengths: torch.Tensor  # (n,) user-text tokens of each prefixed prompt
     prefix_spans: torch.Tensor  # (n, 2) the prefix span within the user text
+    contrast: Activations | None = None  # (k n, ...) prefixed prompts of k other concepts of the class; None: k = 0
 
 
 def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
-                        statements: list[str], batch_size: int = 16, cached: bool = True) -> ConceptActivations:
-    """Extract the activations of the paired prompts of one concept (from the disk cache unless `cached=False`)."""
-    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
-    tail_ids = data.shared_tail(prefixed + plain)
+                        statements: list[str], batch_size: int = 16, cached: bool = True,
+                        protocol: Protocol = PAPER) -> ConceptActivations:
+    """Extract the activations of the paired prompts of one concept (from the disk cache unless `cached=False`),
+    with the protocol's system prompt, and of its contrast concepts' prefixed prompts when `protocol.contrast`."""
+    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements, protocol.system)
+    others = [p for other in data.neighbour_concepts(concept_class, concept, protocol.contrast) if protocol.contrast
+              for p in data.paired_prompts(tokenizer, concept_class, other, statements, protocol.system)[0]]
+    tail_ids = data.shared_tail(prefixed + plain + others)
     n_tail, pad = len(tail_ids), tokenizer.pad_token_id
 
     def run(prompts, **kwargs) -> Activations:
@@ -81,16 +87,21 @@ def concept_activations(model, tokenizer, model_key: str, concept_class: str, co
         run(plain, desc="extract unprefixed"),
         data.tail_token_names(tokenizer, tail_ids),
         *user_layout(prefixed),
+        run(others, desc="extract contrast") if others else None,
     )
 
 
 def training_set(acts: ConceptActivations, setting: Setting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (2n, n_blocks, d), labels (2n, n_blocks), is_prefixed (2n,), selected tail index per block)."""
+    """(features (m, n_blocks, d), labels (m, n_blocks), is_prefixed (m,), selected tail index per block).
+
+    Rows: the n prefixed prompts (the positives, `is_prefixed`), the n unprefixed ones, then any contrast concepts'
+    k n prefixed prompts, all read at this concept's selected token of each block; m = (2 + k) n; negatives get 0.
+    """
     attn = acts.prefixed.attn_prefix_mean  # (n, n_blocks, n_tail)
     chosen = selection.select_tokens(attn, setting.selection)
-    features = torch.cat([selection.gather_selected(acts.prefixed.hidden, chosen),
-                          selection.gather_selected(acts.unprefixed.hidden, chosen)])
-    y = labels.make_labels(setting.labels, selection.gather_selected(attn, chosen), len(acts.unprefixed.hidden),
+    negatives = [acts.unprefixed.hidden] + ([acts.contrast.hidden] if acts.contrast is not None else [])
+    features = torch.cat([selection.gather_selected(h, chosen) for h in [acts.prefixed.hidden, *negatives]])
+    y = labels.make_labels(setting.labels, selection.gather_selected(attn, chosen), len(features) - len(attn),
                            concept=f"{acts.concept_class}/{acts.concept}")
     is_prefixed = torch.arange(len(features)) < len(acts.prefixed.hidden)
     return features, y, is_prefixed, chosen
@@ -127,40 +138,53 @@ def _run_inputs(model, model_name: str, concept_class: str, concept: str, statem
 
 def generation_keys(model, model_name: str, concept_class: str, concept: str, statements: list[str],
                     questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
-                    max_new_tokens: int = 50, seed: int = 0) -> dict[str, str]:
-    """The cache key of each setting's generations for one concept (`run_concept`'s entries), by setting name."""
-    blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
+                    max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = PAPER) -> dict[str, str]:
+    """The cache key of each setting's generations for one concept (`run_concept`'s entries), by setting name.
+
+    The protocol enters the key only where it differs from the paper's, so the paper protocol's keys are unchanged.
+    """
+    blocks = protocol.steered_blocks(len(steering.find_blocks(model)))[0] if blocks is None else list(blocks)
     common = _run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
                          max_new_tokens, seed) | dict(blocks=blocks)
+    if protocol.changes():
+        common["protocol"] = protocol.changes()
     return {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
 
 
 def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                 questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
-                max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fit every setting for one concept and generate its coefficient × question grid.
+                max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16,
+                protocol: Protocol = PAPER) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fit every setting for one concept and generate its coefficient × question grid under `protocol`.
 
     Each (concept, setting) is cached on its own (generations, fit table and the concept vector as
     safetensors with its metadata), so notebooks that share a setting share its generations; the
-    settings not cached yet are generated together in one batched call.
+    settings not cached yet are generated together in one batched call. `blocks` (default: the protocol's)
+    overrides the steered blocks; the protocol's eps multiplier applies either way (`eps` column).
     Returns (generations: one row per setting × coefficient × question, fits: one row per setting × block).
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
     keys = generation_keys(model, model_name, concept_class, concept, statements, questions, settings, coefficients,
-                           blocks, max_new_tokens, seed)
-    blocks = steering.default_blocks(len(steering.find_blocks(model))) if blocks is None else list(blocks)
+                           blocks, max_new_tokens, seed, protocol)
+    default_blocks, multiplier = protocol.steered_blocks(len(steering.find_blocks(model)))
+    blocks = default_blocks if blocks is None else list(blocks)
     folder = CACHE_DIR / "generations" / model_slug(model_name)
     gen_path = {name: folder / f"{key}.csv" for name, key in keys.items()}
     fit_path = {name: folder / f"{key}.fits.csv" for name, key in keys.items()}
     missing = [s for s in settings if not gen_path[s.name].exists()]
     if missing:
-        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size)
+        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size,
+                                   protocol=protocol)
         fitted = {s.name: fit_setting(acts, s, model_name, seed) for s in missing}
-        grid = steering.generate_grid(model, tokenizer, {k: v for k, (v, _) in fitted.items()}, questions,
-                                      coefficients, blocks, max_new_tokens)
+        grid = steering.generate_grid(model, tokenizer, {k: protocol.scaled(v, blocks) for k, (v, _) in fitted.items()},
+                                      questions, coefficients, blocks, max_new_tokens,
+                                      {k: multiplier for k in fitted}, protocol.system, protocol.positions)
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
+        if protocol.changes():  # the paper protocol's tables keep their columns
+            grid["protocol"] = protocol.name
+            grid["eps"] = grid.coefficient * multiplier
         for name, (vector, fit) in fitted.items():
             vector.save(folder / f"{keys[name]}.vector.safetensors")
             atomic_write(fit_path[name], lambda tmp: fit.to_csv(tmp, index=False))

@@ -244,3 +244,66 @@ def plot_baselines(tables: dict, comparisons, methods: list[str], model: str) ->
                bbox_to_anchor=(0.4, -0.04))
     fig.tight_layout()
     return fig
+
+
+PROTOCOL_COLOURS = dict(zip(("best_of_grid", "held_out"), sns.color_palette("deep", 2)))
+
+
+def plot_factor(factors, factor: str, model: str) -> plt.Figure:
+    """Notebook 06, one factor: dev steerability (95% CIs) of the paper's arm and each level, both protocols."""
+    rows = factors[(factors.factor == factor) | (factors.arm == "paper")]
+    arms = list(dict.fromkeys(rows.arm))
+    fig, ax = plt.subplots(figsize=(5.2, 0.5 + 0.55 * len(arms)))
+    height = 0.38
+    for k, (protocol, colour) in enumerate(PROTOCOL_COLOURS.items()):
+        part = rows[rows.protocol == protocol].set_index("arm").loc[arms]
+        y = [i + (k - 0.5) * height for i in range(len(arms))]
+        ax.barh(y, part.steerability, height, color=colour, label=protocol.replace("_", "-"))
+        ax.errorbar(part.steerability, y, xerr=[part.steerability - part.ci_low, part.ci_high - part.steerability],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    ax.set_yticks(range(len(arms)), [a.split(": ", 1)[-1] for a in arms])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="steerability on the development split", title=f"{model}: {factor}")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_grid_levels(grid) -> plt.Figure:
+    """Notebook 06, the grid factor: steerability against the number of coefficients, per arm and protocol."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, (protocol, rows) in zip(axes, grid.groupby("protocol", sort=False)):
+        sns.pointplot(rows, x="grid", y="steerability", hue="arm", ax=ax, dodge=0.3, markersize=4)
+        ax.set(title=protocol.replace("_", "-"), xlabel="coefficient grid (subset of the study's)",
+               ylabel="steerability on the development split", ylim=(0, 1.05))
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend(fontsize=7, title=None)
+    return fig
+
+
+def plot_response_profile(profile, arms: list[str]) -> plt.Figure:
+    """Notebook 06: mean judge score and share of repetitive responses against eps, one line per arm."""
+    rows = profile[profile.arm.isin(arms)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, value, label in zip(axes, ("score", "repetitive"), ("mean judge score", "share judged repetitive")):
+        if value in rows:
+            sns.lineplot(rows, x="coefficient", y=value, hue="arm", marker="o", ax=ax)
+        ax.set(xlabel="eps (grid value)", ylabel=label, ylim=(0, 1.05 if value == "repetitive" else None))
+        ax.legend(fontsize=6, title=None)
+    return fig
+
+
+def plot_diagnosis(separation, logprobs, arms: list[str]) -> plt.Figure:
+    """Notebook 06's generation-free diagnosis: per arm, held-out AUC against unprefixed prompts and against other
+    concepts of the class (mean over blocks); log-probability of the concept's first token against eps."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw=dict(width_ratios=[1.1, 1]))
+    long = separation.melt(id_vars="arm", value_vars=["auc_unprefixed", "auc_class"], var_name="against",
+                           value_name="AUC").replace({"auc_unprefixed": "unprefixed", "auc_class": "same-class concepts"})
+    sns.barplot(long, y="arm", x="AUC", hue="against", ax=axes[0], errorbar=None)
+    axes[0].set(xlim=(0.4, 1.0), ylabel="", xlabel="held-out AUC (mean over concepts and blocks)")
+    axes[0].axvline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7, title=None, loc="lower right")
+    sns.lineplot(logprobs[logprobs.arm.isin(arms)], x="coefficient", y="logprob", hue="arm", marker="o",
+                 errorbar=("ci", 95), ax=axes[1])
+    axes[1].set(xlabel="eps (0 = unsteered)", ylabel="log p(concept's first token)\nat the first answer position")
+    axes[1].legend(fontsize=6, title=None)
+    return fig

@@ -21,6 +21,8 @@ class Profile:
     sadi_head_ks: tuple[int, ...] = (1, 4, 10)  # SADI tuning grid (05): heads kept by the mask
     sadi_hidden_ks: tuple[int, ...] = (1, 5, 20)  # ... MLP output dimensions kept by the mask
     sadi_deltas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # ... scalings a' = a + delta * a
+    study_concepts_per_class: int = 4  # development concepts per class in the protocol study (06; at most 4)
+    study_coefficients: tuple[float, ...] = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05)  # its shared eps grid (06)
 
     def as_dict(self) -> dict:
         """Plain dict, for tables."""
@@ -30,7 +32,8 @@ class Profile:
 PROFILES = {
     "smoke": Profile("smoke", n_concepts_per_class=1, n_statements=16, n_questions=5, max_new_tokens=24,
                      sweep_concepts_per_class=1, statement_counts=(8, 16), layer_concepts_per_class=1,
-                     sadi_head_ks=(1, 4), sadi_hidden_ks=(1, 5), sadi_deltas=(1.0, 5.0)),
+                     sadi_head_ks=(1, 4), sadi_hidden_ks=(1, 5), sadi_deltas=(1.0, 5.0),
+                     study_concepts_per_class=1, study_coefficients=(0.015, 0.035)),
     "default": Profile("default", n_concepts_per_class=20, n_statements=64, n_questions=5, max_new_tokens=50,
                        sweep_concepts_per_class=2, statement_counts=(16, 32, 64), layer_concepts_per_class=3),
     "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5, max_new_tokens=50,

@@ -51,11 +51,15 @@ def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[
 
 
 @contextmanager
-def steer(model: nn.Module, additions: dict[int, torch.Tensor]) -> Iterator[None]:
-    """While active, block l's output h becomes h + additions[l] at every position.
+def steer(model: nn.Module, additions: dict[int, torch.Tensor], positions: str = "all") -> Iterator[None]:
+    """While active, block l's output h becomes h + additions[l] at every position ('all') or, with
+    positions='answer', only at the last position of a multi-token pass (the prompt's last token, whose output is the
+    first answer token) and at every single-token decoding step.
 
     additions[l] is (d,) for the whole batch or (batch, d) per row. Hooks are removed on exit, even on error.
     """
+    if positions not in ("all", "answer"):
+        raise ValueError(f"Unknown steering positions {positions!r}; use 'all' or 'answer'.")
     blocks = find_blocks(model)
     handles = []
 
@@ -63,7 +67,11 @@ def steer(model: nn.Module, additions: dict[int, torch.Tensor]) -> Iterator[None
         def hook(module, args, output):
             hidden = block_output(output)
             shift = delta.to(hidden.device, hidden.dtype)
-            steered = hidden + (shift[:, None, :] if shift.dim() == 2 else shift)  # broadcast over positions
+            shift = shift[:, None, :] if shift.dim() == 2 else shift  # broadcast over positions
+            if positions == "answer" and hidden.shape[1] > 1:  # prompt pass: the last position only
+                steered = torch.cat([hidden[:, :-1], hidden[:, -1:] + shift], dim=1)
+            else:
+                steered = hidden + shift
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         return hook
 
@@ -86,15 +94,17 @@ def clean_response(text: str) -> str:
 
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], additions: dict[int, torch.Tensor] | None = None,
-             max_new_tokens: int = 50, row_context: Callable[[range], ContextManager] | None = None) -> list[str]:
+             max_new_tokens: int = 50, row_context: Callable[[range], ContextManager] | None = None,
+             system: str | None = None, positions: str = "all") -> list[str]:
     """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered.
 
     If the call runs out of memory, its rows are generated in halves (quarters, ...) instead
     (`resources.halving_batches`, warning once); every piece keeps the full batch's padding and its rows of the
     per-row additions, so the responses are the same. `row_context(rows)`, if given, returns a context manager that
     is active while the rows `rows` (a range) are generated, e.g. SADI's per-row scales for those rows.
+    `system` is the system message (see `data.render_prompt`); `positions` where the additions apply (see `steer`).
     """
-    prompts = [render_prompt(tokenizer, m) for m in user_messages]
+    prompts = [render_prompt(tokenizer, m, system) for m in user_messages]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     width, n = batch["input_ids"].shape[1], len(prompts)
@@ -103,7 +113,7 @@ def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], addition
         part = {k: v[rows.start:rows.stop].to(device) for k, v in batch.items()}
         shifts = {b: a[rows.start:rows.stop] if a.dim() == 2 and len(a) == n else a  # per-row: this piece's rows
                   for b, a in (additions or {}).items()}
-        with row_context(rows) if row_context else nullcontext(), steer(model, shifts):
+        with row_context(rows) if row_context else nullcontext(), steer(model, shifts, positions):
             out = model.generate(**part, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=tokenizer.pad_token_id)
         return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -115,18 +125,21 @@ def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], addition
 
 def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector], questions: Sequence[str],
                   coefficients: Sequence[float], blocks: Sequence[int] | dict[str, Sequence[int]],
-                  max_new_tokens: int = 50, scales: dict[str, float] | None = None) -> pd.DataFrame:
+                  max_new_tokens: int = 50, scales: dict[str, float] | None = None, system: str | None = None,
+                  positions: str = "all") -> pd.DataFrame:
     """Every (arm, coefficient, question) of one concept in one `generate` call; one row each.
 
     An arm is a named vector, steered at `blocks` (one list, or a list per arm) with the coefficient grid
     multiplied by the arm's `scales` entry (default 1); `coefficient` is the grid value before scaling.
+    `system` and `positions` as in `generate`.
     """
     scales = scales or {}
     rows = [(s, c, q) for s in vectors for c in coefficients for q in range(len(questions))]
     row_blocks = [blocks[s] for s, _, _ in rows] if isinstance(blocks, dict) else blocks
     eps = [c * scales.get(s, 1.0) for s, c, _ in rows]
     additions = steering_additions([vectors[s] for s, _, _ in rows], eps, row_blocks)
-    responses = generate(model, tokenizer, [questions[q] for _, _, q in rows], additions, max_new_tokens)
+    responses = generate(model, tokenizer, [questions[q] for _, _, q in rows], additions, max_new_tokens,
+                         system=system, positions=positions)
     return pd.DataFrame({"setting": [s for s, _, _ in rows], "coefficient": [c for _, c, _ in rows],
                          "question_id": [q for _, _, q in rows], "question": [questions[q] for _, _, q in rows],
                          "response": responses})

@@ -82,6 +82,10 @@ def test_development_split_is_apart_from_every_sample():
     assert dev.groupby("concept_class").size().to_dict() == {c: 4 for c in data.CLASSES}
     dev_names = set(zip(dev.concept_class, dev.concept))
     assert ("places", "Vienna") in dev_names and ("moods", "Serene") in dev_names
+    first = data.development_concepts(1)
+    assert len(first) == 5 and set(zip(first.concept_class, first.concept)) <= dev_names
+    with pytest.raises(ValueError, match="4 concepts per class; n_per_class must be 1..4"):
+        data.development_concepts(5)
     for n, seed in ((20, 0), (21, 0), (None, 0), (None, 1), (30, 3)):
         sample = data.sample_concepts(n, seed=seed)
         assert not dev_names & set(zip(sample.concept_class, sample.concept)), (n, seed)

@@ -51,7 +51,8 @@ def test_makefile_passes_dtype_to_the_notebooks_that_load_a_model():
     commands = [line for line in _dry_run("all", "MODELS=m", "DTYPE=bfloat16").stdout.splitlines()
                 if "notebooks/" in line and ".ipynb runs/" in line]
     with_dtype = {line.split("notebooks/")[1].split(".ipynb")[0] for line in commands if "-p dtype bfloat16" in line}
-    assert with_dtype == {"01_token_selection", "02_soft_vs_hard_labels", "03_layer_enrichment", "05_baselines"}
+    assert with_dtype == {"01_token_selection", "02_soft_vs_hard_labels", "03_layer_enrichment", "05_baselines",
+                          "06_steering_protocol"}
     assert len(commands) == len(NOTEBOOKS)  # 00 and 04 run too, without a dtype
     assert "-p dtype auto" in _dry_run("01_token_selection", "MODELS=m").stdout  # the default
     refused = _dry_run("01_token_selection", "DTYPE=fp64")

@@ -1,0 +1,236 @@
+"""The steering protocol (protocol.py) and notebook 06's study (study.py): exact identities on tiny random models and
+the study's tables on planted generations."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steer_utils import cache, data, models, pipeline, steering, study, vectors
+from steer_utils.extraction import find_blocks
+from steer_utils.protocol import PAPER, Protocol
+
+STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
+              "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture()
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(study, "CACHE_DIR", tmp_path)
+    return tmp_path
+
+
+def test_protocol_names_round_trip_and_bad_values_fail():
+    assert PAPER.name == "paper" and PAPER.changes() == {} and Protocol.parse("paper") == PAPER
+    changed = Protocol(scaling="mean_norm", contrast=3)
+    assert changed.name == "contrast=3,scaling=mean_norm"
+    assert Protocol.parse(changed.name) == changed
+    with pytest.raises(ValueError, match="scaling='depth' is unknown; use one of: block_norm, mean_norm"):
+        Protocol(scaling="depth")
+    with pytest.raises(ValueError, match="contrast=-1 must be an integer"):
+        Protocol(contrast=-1)
+    with pytest.raises(ValueError, match="Bad protocol 'colour=red'"):
+        Protocol.parse("colour=red")
+
+
+def test_middle_blocks_keep_the_total_shift_and_mean_norm_is_constant_across_depth():
+    blocks, multiplier = Protocol(blocks="middle").steered_blocks(31)  # 30 steerable blocks
+    assert blocks == list(range(8, 23)) and multiplier == 2.0
+    assert PAPER.steered_blocks(31) == (list(range(1, 31)), 1.0)
+    vector = vectors.ConceptVector({b: torch.ones(4) for b in range(4)}, {0: 1.0, 1: 2.0, 2: 4.0, 3: 9.0})
+    assert PAPER.scaled(vector, [1, 2, 3]) is vector
+    flat = Protocol(scaling="mean_norm").scaled(vector, [1, 2, 3])
+    assert flat.norms == {b: 5.0 for b in range(4)} and flat.directions is vector.directions
+
+
+def test_system_prompts_render_as_asked(tiny_tokenizer):
+    default = data.render_prompt(tiny_tokenizer, "Hi")
+    assert "system" not in default
+    assert data.render_prompt(tiny_tokenizer, "Hi", Protocol(system_prompt="empty").system).startswith(
+        "<|im_start|>system\n<|im_end|>")
+    neutral = data.render_prompt(tiny_tokenizer, "Hi", Protocol(system_prompt="neutral").system)
+    assert "Reply to the user." in neutral and neutral.endswith("<|im_start|>assistant\n")
+    prompt = data.encode_prompt(tiny_tokenizer, "Take on a calm mood. Hi", "Take on a calm mood.", system="")
+    assert prompt.text.startswith("<|im_start|>system") and prompt.prefix_span is not None
+
+
+def test_plain_template_writes_no_empty_system_line():
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import build_tiny_tokenizer
+
+    tokenizer: PreTrainedTokenizerFast = build_tiny_tokenizer(models.PLAIN_CHAT_TEMPLATE)
+    assert data.render_prompt(tokenizer, "Hi", "") == data.render_prompt(tokenizer, "Hi")
+    assert data.render_prompt(tokenizer, "Hi", "Be brief.").startswith(f"{tokenizer.bos_token}Be brief.\n\nUser: Hi")
+
+
+def test_neighbour_concepts_wrap_around_the_class_list():
+    names = data.load_concepts("moods")
+    assert data.neighbour_concepts("moods", names[-1], 3) == names[:3]
+    assert data.neighbour_concepts("moods", names[0].upper(), 2, after=False) == [names[-1], names[-2]]
+    with pytest.raises(ValueError, match="is not in data/concepts/moods.txt"):
+        data.neighbour_concepts("moods", "Not a mood", 3)
+    with pytest.raises(ValueError, match="k must be in 0.."):
+        data.neighbour_concepts("moods", names[0], len(names))
+
+
+@torch.inference_mode()
+def test_answer_positions_steer_only_the_last_prompt_token_and_decoding_steps(tiny):
+    model, tokenizer, info = tiny
+    ids = torch.tensor([tokenizer("A small test sentence.")["input_ids"]])
+    v = torch.nn.functional.normalize(torch.randn(info.hidden_size, generator=torch.Generator().manual_seed(1)), dim=0)
+    additions = steering.steering_additions([vectors.ConceptVector({1: v}, {1: 3.0})], [0.5], [1])
+    def block_output(ids: torch.Tensor, positions: str | None) -> torch.Tensor:
+        seen = {}
+        with steering.steer(model, additions, positions) if positions else contextlib.nullcontext():
+            handle = find_blocks(model)[1].register_forward_hook(  # after the steering hook: sees its output
+                lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone()))
+            try:
+                model(ids)
+            finally:
+                handle.remove()
+        return seen["h"]
+
+    plain, answer, single = block_output(ids, None), block_output(ids, "answer"), block_output(ids[:, :1], "answer")
+    torch.testing.assert_close(answer[:, :-1], plain[:, :-1], atol=0, rtol=0)
+    torch.testing.assert_close(answer[:, -1], plain[:, -1] + 1.5 * v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(single[:, 0], plain[:, 0] + 1.5 * v, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="Unknown steering positions 'prompt'"):
+        with steering.steer(model, additions, positions="prompt"):
+            pass
+
+
+def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_cache):
+    model, tokenizer, info = tiny
+    acts = pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS,
+                                        protocol=Protocol(contrast=2))
+    assert acts.contrast.hidden.shape == (2 * len(STATEMENTS), *acts.prefixed.hidden.shape[1:])
+    others = data.neighbour_concepts("moods", "Cheerful", 2)
+    first_other = pipeline.concept_activations(model, tokenizer, "tiny", "moods", others[0], STATEMENTS)
+    torch.testing.assert_close(acts.contrast.hidden[:len(STATEMENTS)], first_other.prefixed.hidden, atol=1e-5, rtol=1e-5)
+    features, y, is_prefixed, chosen = pipeline.training_set(acts, pipeline.Setting.parse("attention-soft-rfm"))
+    n = len(STATEMENTS)
+    assert features.shape[0] == 4 * n and y.shape == (4 * n, info.n_blocks)
+    assert is_prefixed.sum() == n and is_prefixed[:n].all()
+    assert (y[n:] == 0).all() and y[:n].max() == 1
+    plain, _, _, _ = pipeline.training_set(
+        pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS),
+        pipeline.Setting.parse("attention-soft-rfm"))
+    torch.testing.assert_close(features[:2 * n], plain, atol=1e-5, rtol=1e-5)  # the paper's rows come first
+
+
+def test_paper_protocol_keeps_its_cache_keys_and_others_get_their_own(tiny):
+    model, _, _ = tiny
+    args = (model, "tiny", "moods", "Cheerful", STATEMENTS, ["Q?"], [pipeline.Setting.parse("attention-soft-rfm")])
+    paper = pipeline.generation_keys(*args)
+    assert pipeline.generation_keys(*args, protocol=PAPER) == paper
+    keys = {pipeline.generation_keys(*args, protocol=p)["attention-soft-rfm"]
+            for p in (PAPER, Protocol(scaling="mean_norm"), Protocol(positions="answer"), Protocol(contrast=1))}
+    assert len(keys) == 4
+
+
+def test_run_concept_applies_the_protocol(tiny, tmp_cache):
+    model, tokenizer, info = tiny
+    setting = [pipeline.Setting.parse("attention-hard-rfm")]
+    common = dict(coefficients=[0.0, 4.0], max_new_tokens=4)
+    paper, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting, **common)
+    same, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting,
+                                   **common, protocol=Protocol(positions="all"))
+    pd.testing.assert_frame_equal(paper, same)  # the paper protocol, spelled out: the same entry
+    assert "protocol" not in paper.columns
+    flat, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting,
+                                   **common, protocol=Protocol(blocks="middle", scaling="mean_norm"))
+    assert set(flat.protocol) == {"blocks=middle,scaling=mean_norm"}
+    assert list(flat.eps) == [0.0, 4.0 * Protocol(blocks="middle").steered_blocks(info.n_blocks)[1]]
+    assert flat.response[0] == paper.response[0]  # eps 0: unsteered under any protocol
+
+
+def test_auc_matches_a_pairwise_count():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(1, 1, 30)
+    neg = np.r_[rng.normal(0, 1, 39), pos[:1]]  # one tie
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert study._auc(pos, neg) == pytest.approx(pairs)
+
+
+def _planted_generations(arms: dict[str, list[int]], grid=(0.01, 0.02, 0.03)) -> pd.DataFrame:
+    """Scored generations where arm a steers concept i on every question at the last eps iff arms[a][i]."""
+    rows = []
+    for arm, steered in arms.items():
+        factor, _, level = arm.partition(": ")
+        for i, hit in enumerate(steered):
+            for c in grid:
+                for q in range(5):
+                    rows.append({"concept_class": data.CLASSES[i % 5], "concept": f"c{i}", "setting": arm,
+                                 "factor": factor, "level": level or arm, "coefficient": c, "question_id": q,
+                                 "score": int(hit and c == grid[-1]), "reason": "ok" if hit and c == grid[-1]
+                                 else "generic", "coherence": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_factor_choice_and_combined_arm_on_planted_generations():
+    scored = _planted_generations({"paper": [1, 0, 0, 0, 0, 0], "contrast: 3 concepts": [1, 1, 1, 1, 0, 0],
+                                   "scaling: mean norm": [1, 1, 0, 0, 0, 0], "positions: answer only": [0] * 6})
+    factors = study.factor_table(scored)
+    held = factors[factors.protocol == "held_out"].set_index("arm")
+    assert held.loc["paper", "steerability"] == pytest.approx(1 / 6)
+    assert held.loc["contrast: 3 concepts", "diff"] == pytest.approx(3 / 6)
+    assert np.isnan(held.loc["paper", "diff"])
+    choice = study.choice_table(factors)
+    assert list(choice.arm[:2]) == ["contrast: 3 concepts", "scaling: mean norm"] and list(choice["rank"][:2]) == [1, 2]
+    combined = study.combined_arm(factors)
+    assert combined.factor == "combined" and combined.protocol == Protocol(contrast=3, scaling="mean_norm")
+    assert study.combined_arm(factors[~factors.arm.str.startswith("scaling")]) is None  # one factor helped
+    profile = study.response_profile(scored)
+    assert profile[profile.arm == "paper"].score.tolist() == [0, 0, pytest.approx(1 / 6)]
+
+
+def test_grid_levels_score_subsets_of_the_same_generations():
+    scored = _planted_generations({"paper": [1, 1, 0, 0, 0]}, grid=(0.015, 0.025, 0.035))
+    table = study.grid_table(scored, ["paper"], levels={"two": (0.015, 0.025), "all": (0.015, 0.025, 0.035),
+                                                        "outside": (0.015, 0.5)})
+    best = table[table.protocol == "best_of_grid"].set_index("grid").steerability
+    assert best.to_dict() == {"two": 0.0, "all": pytest.approx(0.4)}  # a level outside the run's grid is skipped
+
+
+def test_bound_table_counts_concepts_prompting_can_steer():
+    scored = _planted_generations({"paper": [1, 0, 0, 0, 0, 0]})
+    prompted = _planted_generations({"prompting": [1, 1, 1, 0, 0, 0]}, grid=(0.0,)).assign(score=lambda t: t.score)
+    bound = study.bound_table(scored, prompted, ["paper"]).set_index("arm")
+    assert bound.loc["paper", "share_ever_steered"] == pytest.approx(1 / 6)
+    assert bound.loc["paper", "steered_where_prompting_steers"] == pytest.approx(1 / 3)
+    assert bound.loc["prompting", "share_ever_steered"] == pytest.approx(0.5)
+
+
+def test_diagnosis_on_a_tiny_model(tiny, tmp_cache, monkeypatch):
+    model, tokenizer, _ = tiny
+    all_statements = data.load_statements()
+    sample = pd.DataFrame({"concept_class": ["moods"], "concept": ["Cheerful"]})
+    arms = [study.PAPER_ARM, study.Arm("contrast", "1", protocol=Protocol(contrast=1)),
+            study.Arm("scaling", "mean norm", protocol=Protocol(scaling="mean_norm"))]
+    separation, logprobs = study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[-4:],
+                                          {"moods": ["How do you feel?", "What is your day like?"]}, arms, [0.5, 5.0],
+                                          logprob_arms=[a.name for a in arms])
+    assert set(separation.arm) == {"paper", "contrast: 1"}  # the scaling arm shares the paper's vector
+    assert separation[["auc_unprefixed", "auc_class"]].stack().between(0, 1).all()
+    assert len(logprobs) == 3 * 3 * 2 and (logprobs.logprob <= 0).all()
+    unsteered = logprobs[logprobs.coefficient == 0].groupby("question_id").logprob.nunique()
+    assert (unsteered == 1).all()  # eps 0: every arm sees the same unsteered model
+    monkeypatch.setattr(study, "_diagnose_concept", lambda *a, **k: pytest.fail("recomputed a cached concept"))
+    again = study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[-4:],
+                           {"moods": ["How do you feel?", "What is your day like?"]}, arms, [0.5, 5.0],
+                           logprob_arms=[a.name for a in arms])
+    pd.testing.assert_frame_equal(again[1], logprobs)
+    with pytest.raises(ValueError, match="held-out statements are also training statements"):
+        study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[4:8],
+                       {"moods": ["How?"]}, arms, [0.5])
