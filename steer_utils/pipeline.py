@@ -228,6 +228,18 @@ def example_generations(scored: pd.DataFrame, per_class: int = 1, question_id: i
     return wide[list(dict.fromkeys(scored.setting))].reset_index()
 
 
+def steering_strip(scored: pd.DataFrame, setting: str, concepts: list[str], question_id: int = 0) -> pd.DataFrame:
+    """What steering does as eps grows: for each concept, the response to one question at every coefficient of
+    one setting, with the judge's score and reason (one row per concept × coefficient, coefficients ascending)."""
+    rows = scored[(scored.setting == setting) & scored.concept.isin(concepts) & (scored.question_id == question_id)]
+    missing = sorted(set(concepts) - set(rows.concept))
+    if missing:
+        raise ValueError(f"No generations of setting {setting!r} for concept(s) {missing} at question {question_id}.")
+    order = {c: i for i, c in enumerate(concepts)}
+    return (rows.sort_values(["concept", "coefficient"], key=lambda c: c.map(order) if c.name == "concept" else c)
+            [["concept_class", "concept", "coefficient", "score", "reason", "response"]].reset_index(drop=True))
+
+
 def judged_run(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
                questions: dict[str, list[str]], setting_names: list[str], grader, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`run_concepts` for named settings, then the judge: (scored generations, fits)."""

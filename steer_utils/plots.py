@@ -301,9 +301,32 @@ def plot_diagnosis(separation, logprobs, arms: list[str]) -> plt.Figure:
     sns.barplot(long, y="arm", x="AUC", hue="against", ax=axes[0], errorbar=None)
     axes[0].set(xlim=(0.4, 1.0), ylabel="", xlabel="held-out AUC (mean over concepts and blocks)")
     axes[0].axvline(0.5, color="grey", lw=0.8, ls="--")
-    axes[0].legend(fontsize=7, title=None, loc="lower right")
+    axes[0].legend(fontsize=7, title="against", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2,
+                   frameon=False)
     sns.lineplot(logprobs[logprobs.arm.isin(arms)], x="coefficient", y="logprob", hue="arm", marker="o",
                  errorbar=("ci", 95), ax=axes[1])
     axes[1].set(xlabel="eps (0 = unsteered)", ylabel="log p(concept's first token)\nat the first answer position")
     axes[1].legend(fontsize=6, title=None)
+    return fig
+
+
+def plot_steering_strip(strip, title: str = "", width: int = 34) -> plt.Figure:
+    """A grid of responses: one row per concept, one column per eps (smallest to largest), each cell the
+    response's first words with the judge's verdict, green where it scored 1."""
+    import textwrap
+
+    concepts, coefficients = list(dict.fromkeys(strip.concept)), sorted(strip.coefficient.unique())
+    fig, ax = plt.subplots(figsize=(2.2 * len(coefficients) + 1.2, 1.05 * len(concepts) + 0.6))
+    ax.set(xlim=(0, len(coefficients)), ylim=(len(concepts), 0), title=title)
+    ax.set_xticks([i + 0.5 for i in range(len(coefficients))], [f"eps {c:g}" for c in coefficients])
+    ax.set_yticks([i + 0.5 for i in range(len(concepts))], concepts)
+    ax.tick_params(length=0)
+    ax.grid(False)
+    for row in strip.itertuples():
+        x, y = coefficients.index(row.coefficient), concepts.index(row.concept)
+        ax.add_patch(plt.Rectangle((x, y), 1, 1, color="#d9f0d3" if row.score else "#f7f7f7", ec="white", lw=2))
+        words = " ".join(str(row.response).split()[:22])
+        text = textwrap.fill(words, width, max_lines=5, placeholder=" …")
+        ax.text(x + 0.04, y + 0.06, f"[{row.score}: {row.reason}]\n{text}", va="top", ha="left", fontsize=6.5,
+                family="DejaVu Sans")
     return fig

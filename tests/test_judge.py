@@ -15,9 +15,13 @@ from steer_utils.judge import NON_ANSWER, agreement, load_judge
 
 CASES = Path(__file__).resolve().parent / "data" / "judge_cases.jsonl"
 KINDS = {"positive", "paraphrase", "other-concept", "antonym", "generic", "repetition", "gibberish", "non-answer"}
-# Measured on all 135 cases: accuracy 0.919, kappa 0.836 (dev 0.944 / 0.887, test 0.891 / 0.778).
+GENERATED_KINDS = KINDS | {"nonsense"}  # confident-looking text that is about nothing (e.g. "The Shadow of Zephyra")
+# Written cases (135, by hand): accuracy 0.919, kappa 0.836 (dev 0.944 / 0.887, test 0.891 / 0.778).
 # The floors leave room for ~5 flipped cases (float noise across platforms) and fail on real regressions.
 MIN_ACCURACY, MIN_KAPPA = 0.88, 0.76
+# Generated cases (69 real responses of notebook 06's arms on the development split, labelled by hand): accuracy
+# 0.826, kappa 0.458, every miss a false positive (see the README). Floors just under them: a regression fails.
+MIN_GENERATED_ACCURACY, MIN_GENERATED_KAPPA = 0.80, 0.40
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +47,23 @@ def judged(judge, cases) -> pd.DataFrame:
 
 
 def test_cases_file_is_well_formed(cases):
-    assert len(cases) >= 100
-    assert set(cases.columns) >= {"concept_class", "concept", "question", "response", "label", "kind", "split"}
-    assert cases.groupby("concept_class").size().min() >= 20 and set(cases.concept_class) == set(data.CLASSES)
-    assert 0.4 <= cases.label.mean() <= 0.7 and set(cases.label) == {0, 1}
-    assert set(cases.kind) == KINDS and set(cases.split) == {"dev", "test"}
-    assert not cases.duplicated(["concept", "response"]).any()
+    assert set(cases.columns) >= {"concept_class", "concept", "question", "response", "label", "kind", "split",
+                                  "source"}
+    assert not cases.duplicated(["concept", "response"]).any() and set(cases.split) == {"dev", "test"}
     questions = data.load_questions()
     for row in cases.itertuples():
         assert row.concept in data.load_concepts(row.concept_class), row.concept
         assert row.question in questions[row.concept_class], row.question
-        assert len(row.response.split()) <= 40
+        assert len(row.response.split()) <= (40 if row.source == "written" else 60)
         assert row.label == (row.kind in {"positive", "paraphrase"})
-    for split, part in cases.groupby("split"):  # both halves cover every class and every kind
+    # Generated cases are as the arms produced them: few are on-concept (7 of 69), so no balance is required.
+    for source, kinds, n, share in (("written", KINDS, 100, 0.35), ("generated", GENERATED_KINDS, 60, 0.05)):
+        part = cases[cases.source == source]
+        assert len(part) >= n and set(part.kind) <= kinds and set(part.concept_class) == set(data.CLASSES), source
+        assert share <= part.label.mean() <= 0.7, source
+    written = cases[cases.source == "written"]
+    assert written.groupby("concept_class").size().min() >= 20 and set(written.kind) == KINDS
+    for split, part in written.groupby("split"):  # both halves cover every class and every kind
         assert set(part.concept_class) == set(data.CLASSES) and set(part.kind) == KINDS, split
 
 
@@ -133,6 +141,7 @@ def test_agreement_helper():
 
 @pytest.mark.integration
 def test_agreement_with_hand_labels(judged):
+    judged = judged[judged.source == "written"]
     overall = agreement(judged.label, judged.score)
     assert overall["accuracy"] >= MIN_ACCURACY and overall["kappa"] >= MIN_KAPPA, overall
     for split, part in judged.groupby("split"):
@@ -143,3 +152,12 @@ def test_agreement_with_hand_labels(judged):
     assert (judged[judged.kind == "non-answer"].reason == "non-answer").all()
     assert (judged[judged.kind == "repetition"].reason == "repetitive").all()
     assert (judged[judged.kind.isin(["positive", "paraphrase"])].coherence >= 0.7).all()
+
+
+@pytest.mark.integration
+def test_agreement_with_hand_labelled_generations(judged):
+    """Real responses of the protocol study, reported apart from the written cases; the floors sit just under the
+    measured values (see the README), so a judge change that loses several of them fails."""
+    generated = judged[judged.source == "generated"]
+    result = agreement(generated.label, generated.score)
+    assert result["accuracy"] >= MIN_GENERATED_ACCURACY and result["kappa"] >= MIN_GENERATED_KAPPA, result

@@ -234,3 +234,16 @@ def test_diagnosis_on_a_tiny_model(tiny, tmp_cache, monkeypatch):
     with pytest.raises(ValueError, match="held-out statements are also training statements"):
         study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[4:8],
                        {"moods": ["How?"]}, arms, [0.5])
+
+
+def test_steering_strip_orders_coefficients_and_names_missing_concepts(tmp_path):
+    scored = _planted_generations({"paper": [1, 0, 0]}).assign(response=lambda t: "text " + t.coefficient.astype(str))
+    strip = pipeline.steering_strip(scored, "paper", ["c1", "c0"])
+    assert list(strip.concept) == ["c1"] * 3 + ["c0"] * 3 and list(strip.coefficient[:3]) == [0.01, 0.02, 0.03]
+    assert list(strip.score) == [0, 0, 0, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"concept\(s\) \['c9'\]"):
+        pipeline.steering_strip(scored, "paper", ["c0", "c9"])
+    from steer_utils import plots
+
+    paths = plots.save_figure(plots.plot_steering_strip(strip, "strip"), tmp_path, "strip")
+    assert all(p.stat().st_size > 0 for p in paths)
