@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .steering import default_blocks
 from .vectors import ConceptVector
 
 SCALINGS = ("block_norm", "mean_norm")
@@ -81,7 +82,7 @@ class Protocol:
 
     def steered_blocks(self, n_blocks: int) -> tuple[list[int], float]:
         """(blocks to steer, eps multiplier): every block but the first, or the middle half of those with eps × 2."""
-        candidates = list(range(1, n_blocks))
+        candidates = default_blocks(n_blocks)
         if self.blocks == "all":
             return candidates, 1.0
         k = max(1, round(len(candidates) / 2))
