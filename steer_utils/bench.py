@@ -10,6 +10,8 @@ Measured in one run:
   (FLOPs counted by torch's FlopCounterMode on the same call);
 - per-stage cost per concept (extract, fit all blocks, enrichment test, generate the grid, judge) and how
   extraction and fitting grow with statements and blocks (least-squares slope, log-log exponent);
+- generation: tokens/s over one concept's grid, ours vs one `model.generate` call (and whether the responses
+  are identical), and where our time goes (prefill, decoding's LM head, linears, attention core, the rest);
 - RFM fit time of one block vs number of examples; peak RSS of a default-profile concept in a fresh process;
 - wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
   notebook 01 on the `full` profile (492 concepts: all but the development split; all statements, five questions);
@@ -28,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -141,18 +145,94 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     table.add("growth", name, "fit one setting: slope", slope, "s per block",
               f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
 
-    vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), name)
-    arms = {s: vector for s in SETTINGS}
+    arms = {s: pipeline.fit_setting(acts, pipeline.Setting.parse(s), name)[0] for s in SETTINGS}
     blocks = steering.default_blocks(n_blocks)
     start = time.perf_counter()
     grid = steering.generate_grid(model, tokenizer, arms, questions, pipeline.COEFFICIENTS, blocks, 50)
     generate_s = time.perf_counter() - start
+    bench_generation(table, name, model, tokenizer, arms, questions, blocks)
     judge_s = _seconds(lambda: grader.score_table(CONCEPT[0], [CONCEPT[1]] * len(grid), grid.question.tolist(),
                                                  grid.response.tolist()))
     note = f"{len(grid)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
     table.add("stage", name, "generate grid", generate_s, "s/concept", note)
     table.add("stage", name, "judge grid", judge_s, "s/concept", note)
     return {"counts": counts, "extract": extract_s, "fit": fit_s, "generate": generate_s, "judge": judge_s}
+
+
+@contextmanager
+def timed_parts(model) -> Iterator[dict[str, float]]:
+    """While active, seconds spent in the model's parts, summed over calls (forward hooks, so slightly slower):
+    `prefill` / `decode` (whole forward passes of several tokens / one token per row), and within decoding
+    `lm head`, `block linears` (every other nn.Linear: projections and MLP) and `attention core` (the attention
+    modules minus their linears: rotary embedding, KV cache, scaled dot product)."""
+    head = model.get_output_embeddings()
+    seconds = dict.fromkeys(("prefill", "decode", "lm head", "block linears", "attention core"), 0.0)
+    started: dict[int, float] = {}
+    state = {"decoding": False}
+
+    def timed(key, module, inside_attention: bool = False):
+        def pre(mod, args, kwargs):
+            if key == "forward":
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                state["decoding"] = ids is not None and ids.shape[1] == 1
+            started[id(mod)] = time.perf_counter()
+
+        def post(mod, args, kwargs, output):
+            elapsed = time.perf_counter() - started.pop(id(mod))
+            if key == "forward":
+                seconds["decode" if state["decoding"] else "prefill"] += elapsed
+            elif state["decoding"]:
+                seconds[key] += elapsed
+                if inside_attention:  # the attention module's own time excludes its linears
+                    seconds["attention core"] -= elapsed
+        return module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post, with_kwargs=True)
+
+    attention = [m for n, m in model.named_modules() if n.endswith("self_attn")]
+    inside = {id(l) for a in attention for l in a.modules() if isinstance(l, torch.nn.Linear)}
+    handles = [*timed("forward", model), *timed("lm head", head)]
+    for a in attention:
+        handles += timed("attention core", a)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            handles += timed("block linears", m, inside_attention=id(m) in inside)
+    try:
+        yield seconds
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, questions: list[str], blocks: list[int],
+                     max_new_tokens: int = 50) -> None:
+    """Generated tokens per second over one concept's grid: ours (`steering.generate`) vs one `model.generate`
+    call (`steering.generate_reference`), whether the responses are identical, and where our time goes."""
+    rows = [(s, c, q) for s in arms for c in pipeline.COEFFICIENTS for q in questions]
+    messages = [q for _, _, q in rows]
+    additions = steering.steering_additions([arms[s] for s, _, _ in rows], [c for _, c, _ in rows], blocks)
+    note = f"{len(rows)} rows = {len(arms)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, " \
+           f"up to {max_new_tokens} tokens"
+    timings = {}
+    for key, generate in (("reference", steering.generate_reference), ("ours", steering.generate)):
+        start = time.perf_counter()
+        timings[key] = (generate(model, tokenizer, messages, additions, max_new_tokens), time.perf_counter() - start)
+    (reference, ref_s), (ours, ours_s) = timings["reference"], timings["ours"]
+    tokens = sum(len(tokenizer(r, add_special_tokens=False).input_ids) for r in reference)  # ~ tokens generated
+    table.add("generation", name, "reference (model.generate)", tokens / ref_s, "tokens/s", note)
+    table.add("generation", name, "ours (steering.generate)", tokens / ours_s, "tokens/s", note)
+    table.add("generation", name, "speed-up", ref_s / ours_s, "x", note)
+    table.add("generation", name, "identical responses", 100 * np.mean([a == b for a, b in zip(reference, ours)]), "%", note)
+    with timed_parts(model) as parts:
+        start = time.perf_counter()
+        steering.generate(model, tokenizer, messages, additions, max_new_tokens)
+        total = time.perf_counter() - start
+    parts["other (norms, MLP activation, hooks, Python)"] = parts["decode"] - sum(
+        parts[k] for k in ("lm head", "block linears", "attention core"))
+    parts["outside the forward passes"] = total - parts["prefill"] - parts["decode"]
+    for part, seconds in parts.items():
+        table.add("generation breakdown", name, part, 100 * seconds / total, "% of time",
+                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower); decoding parts are "
+                  f"within decode" if part not in ("prefill", "decode", "outside the forward passes") else
+                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower)")
 
 
 def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class: int = 1, n_statements: int = 64,

@@ -258,8 +258,8 @@ def generate_sadi(model: nn.Module, tokenizer, user_messages: Sequence[str], mas
                          "give one mask and one delta per message.")
     scales = sadi_scales(masks, deltas)
 
-    def rows_scaled(rows: range):  # the scales of the rows being generated (all of them, unless out of memory)
-        return intervene(model, {b: s[rows.start:rows.stop] for b, s in scales.items()}, site, positions)
+    def rows_scaled(rows: torch.Tensor):  # the scales of the batch rows still being generated
+        return intervene(model, {b: s[rows.cpu()] for b, s in scales.items()}, site, positions)
 
     with _left_padding(tokenizer):
         return steering.generate(model, tokenizer, user_messages, None, max_new_tokens, row_context=rows_scaled)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from steer_utils import bench, models
 
@@ -56,3 +57,24 @@ def test_bf16_section_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
         frame.value["steerability bf16"] - frame.value["steerability fp32"])
     assert "5 concepts" in frame.note["identical responses"]
     assert len(list(tmp_path.rglob("*.vector.safetensors"))) == 2 * 5, "fp32 and bf16 cached under their own keys"
+
+
+def test_generation_section_on_a_tiny_model(sharp_model_dir):
+    from steer_utils import steering, vectors
+
+    model, tokenizer, info = models.load_model(str(sharp_model_dir), dtype="float32", device="cpu")
+    unit = torch.nn.functional.normalize(torch.arange(info.hidden_size, dtype=torch.float32), dim=0)
+    arms = {"a": vectors.ConceptVector(dict.fromkeys(range(info.n_blocks), unit), dict.fromkeys(range(info.n_blocks), 20.0)),
+            "b": vectors.ConceptVector(dict.fromkeys(range(info.n_blocks), -unit), dict.fromkeys(range(info.n_blocks), 20.0))}
+    table = bench.Table()
+    bench.bench_generation(table, "tiny", model, tokenizer, arms, ["Hi there.", "Why?"],
+                           steering.default_blocks(info.n_blocks), max_new_tokens=6)
+    frame = table.frame().set_index("quantity")
+    assert frame.value["identical responses"] == 100
+    assert frame.value["speed-up"] > 0 and frame.value["ours (steering.generate)"] > 0
+    parts = frame[frame.section == "generation breakdown"].value
+    assert (parts.drop("other (norms, MLP activation, hooks, Python)") >= 0).all()
+    assert (parts[["prefill", "decode", "lm head", "block linears", "attention core"]] > 0).all()
+    assert parts["prefill"] + parts["decode"] + parts["outside the forward passes"] == pytest.approx(100)
+    assert parts[["lm head", "block linears", "attention core"]].sum() <= parts["decode"] + 1e-6
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the timers are removed
