@@ -221,6 +221,10 @@ def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, ques
     table.add("generation", name, "ours (steering.generate)", tokens / ours_s, "tokens/s", note)
     table.add("generation", name, "speed-up", ref_s / ours_s, "x", note)
     table.add("generation", name, "identical responses", 100 * np.mean([a == b for a, b in zip(reference, ours)]), "%", note)
+    with FlopCounterMode(display=False) as counter:
+        steering.generate(model, tokenizer, messages, additions, max_new_tokens)
+    table.add("generation", name, "achieved, ours", counter.get_total_flops() / ours_s / 1e9, "GFLOP/s",
+              "FlopCounterMode FLOPs / wall time")
     with timed_parts(model) as parts:
         start = time.perf_counter()
         steering.generate(model, tokenizer, messages, additions, max_new_tokens)
@@ -389,9 +393,9 @@ def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, 
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
     native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing
-    for row in frame[frame.quantity == "achieved"].itertuples():
+    for row in frame[frame.quantity.isin(["achieved", "achieved, ours"])].itertuples():
         for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
-            table.add("extraction", row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"],
+            table.add(row.section, row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"],
                       "%", "")
     table.add("machine", device, "threads", torch.get_num_threads(), "", f"{models.cpu_name()}, torch {torch.__version__}, "
               f"{resource.getpagesize()} B pages, {time.strftime('%Y-%m-%d')}")
@@ -399,12 +403,13 @@ def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, 
 
 
 def plot(frame: pd.DataFrame):
-    """Four panels: extraction throughput, stage cost vs statements, RFM vs examples, notebook wall times."""
+    """Five panels: extraction and generation throughput, stage cost vs statements, RFM vs examples, notebook
+    wall times."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     plots.set_style()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4), layout="constrained")
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.4), layout="constrained")
     ext = frame[(frame.section == "extraction") & (frame.unit == "prompts/s")]
     sns.barplot(ext, x="model", y="value", hue="quantity", ax=axes[0])
     axes[0].set(yscale="log", ylabel="prompts / s (log)", xlabel="", title="Extraction throughput")
@@ -427,6 +432,10 @@ def plot(frame: pd.DataFrame):
                      va="center", transform=axes[3].transAxes)
         axes[3].set(xticks=[], yticks=[])
     axes[3].set(ylabel="minutes", xlabel="", title="make all (default profile)")
+    gen = frame[(frame.section == "generation") & (frame.unit == "tokens/s")]
+    sns.barplot(gen, x="model", y="value", hue="quantity", ax=axes[4])
+    axes[4].set(ylabel="generated tokens / s", xlabel="", title="Generation, one concept's grid")
+    axes[4].legend(title=None, fontsize=7)
     return fig
 
 
