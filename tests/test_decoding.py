@@ -129,3 +129,15 @@ def test_fast_generation_matches_model_generate_on_smollm2(positions):
     assert fast == steering.generate_reference(model, tokenizer, messages, additions, max_new_tokens=24,
                                                positions=positions)
     assert len(set(fast)) > len(questions)
+
+
+def test_shared_layout_puts_the_common_prefix_first_and_groups_rows():
+    prompts = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6, 7], [1, 2, 5]]
+    additions = {0: torch.tensor([[1.0], [1.0], [2.0], [2.0]])}
+    ids, mask, prefix = steering.shared_layout(prompts, 0, additions, "all")
+    assert prefix.length == 2 and prefix.steered
+    assert ids.tolist()[1] == [1, 2, 0, 0, 5] and mask.tolist()[1] == [1, 1, 0, 0, 1]  # padding after the prefix
+    assert prefix.group.tolist()[0] == prefix.group.tolist()[1] != prefix.group.tolist()[2] == prefix.group.tolist()[3]
+    ids, mask, prefix = steering.shared_layout(prompts, 0, additions, "answer")
+    assert ids.tolist()[1] == [0, 0, 1, 2, 5] and prefix.length == 4 and not prefix.steered  # left padding
+    assert prefix.group.tolist()[1] == prefix.group.tolist()[3] and len(set(prefix.group.tolist())) == 3
