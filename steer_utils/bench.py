@@ -146,14 +146,10 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
               f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
 
     arms = {s: pipeline.fit_setting(acts, pipeline.Setting.parse(s), name)[0] for s in SETTINGS}
-    blocks = steering.default_blocks(n_blocks)
-    start = time.perf_counter()
-    grid = steering.generate_grid(model, tokenizer, arms, questions, pipeline.COEFFICIENTS, blocks, 50)
-    generate_s = time.perf_counter() - start
-    bench_generation(table, name, model, tokenizer, arms, questions, blocks)
-    judge_s = _seconds(lambda: grader.score_table(CONCEPT[0], [CONCEPT[1]] * len(grid), grid.question.tolist(),
-                                                 grid.response.tolist()))
-    note = f"{len(grid)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
+    messages, responses, generate_s = bench_generation(table, name, model, tokenizer, arms, questions,
+                                                       steering.default_blocks(n_blocks))
+    judge_s = _seconds(lambda: grader.score_table(CONCEPT[0], [CONCEPT[1]] * len(messages), messages, responses))
+    note = f"{len(messages)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
     table.add("stage", name, "generate grid", generate_s, "s/concept", note)
     table.add("stage", name, "judge grid", judge_s, "s/concept", note)
     return {"counts": counts, "extract": extract_s, "fit": fit_s, "generate": generate_s, "judge": judge_s}
@@ -203,12 +199,13 @@ def timed_parts(model) -> Iterator[dict[str, float]]:
 
 
 def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, questions: list[str], blocks: list[int],
-                     max_new_tokens: int = 50) -> None:
-    """Generated tokens per second over one concept's grid: ours (`steering.generate`) vs one `model.generate`
-    call (`steering.generate_reference`), whether the responses are identical, and where our time goes."""
-    rows = [(s, c, q) for s in arms for c in pipeline.COEFFICIENTS for q in questions]
-    messages = [q for _, _, q in rows]
-    additions = steering.steering_additions([arms[s] for s, _, _ in rows], [c for _, c, _ in rows], blocks)
+                     max_new_tokens: int = 50) -> tuple[list[str], list[str], float]:
+    """Generated tokens per second over one concept's grid (`steering.grid_rows`): ours (`steering.generate`) vs
+    one `model.generate` call (`steering.generate_reference`), whether the responses are identical, and where our
+    time goes.
+    Returns the grid's (messages, our responses, our seconds)."""
+    rows, additions = steering.grid_rows(arms, pipeline.COEFFICIENTS, len(questions), blocks)
+    messages = [questions[q] for _, _, q in rows]
     note = f"{len(rows)} rows = {len(arms)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, " \
            f"up to {max_new_tokens} tokens"
     timings = {}
@@ -233,10 +230,10 @@ def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, ques
         parts[k] for k in ("lm head", "block linears", "attention core"))
     parts["outside the forward passes"] = total - parts["prefill"] - parts["decode"]
     for part, seconds in parts.items():
+        within = "" if part in ("prefill", "decode", "outside the forward passes") else "; decoding parts are within decode"
         table.add("generation breakdown", name, part, 100 * seconds / total, "% of time",
-                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower); decoding parts are "
-                  f"within decode" if part not in ("prefill", "decode", "outside the forward passes") else
-                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower)")
+                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower){within}")
+    return messages, ours, ours_s
 
 
 def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class: int = 1, n_statements: int = 64,

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .steering import default_blocks
+from .steering import POSITIONS, default_blocks
 from .vectors import ConceptVector
 
 SCALINGS = ("block_norm", "mean_norm")
 BLOCK_SPANS = ("all", "middle")
-POSITIONS = ("all", "answer")
 SYSTEM_PROMPTS = ("default", "empty", "neutral")
 NEUTRAL_SYSTEM_PROMPT = "Reply to the user."
 MAX_CONTRAST = 8

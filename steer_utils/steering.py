@@ -51,6 +51,15 @@ def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[
     return additions
 
 
+POSITIONS = ("all", "answer")  # where steering applies: every position, or the answer's (see `steer`)
+
+
+def check_positions(positions: str) -> None:
+    """Raise a clear error unless `positions` is one of POSITIONS."""
+    if positions not in POSITIONS:
+        raise ValueError(f"Unknown steering positions {positions!r}; use 'all' or 'answer'.")
+
+
 @contextmanager
 def steer(model: nn.Module, additions: dict[int, torch.Tensor], positions: str = "all") -> Iterator[None]:
     """While active, block l's output h becomes h + additions[l] at every position ('all') or, with
@@ -59,8 +68,7 @@ def steer(model: nn.Module, additions: dict[int, torch.Tensor], positions: str =
 
     additions[l] is (d,) for the whole batch or (batch, d) per row. Hooks are removed on exit, even on error.
     """
-    if positions not in ("all", "answer"):
-        raise ValueError(f"Unknown steering positions {positions!r}; use 'all' or 'answer'.")
+    check_positions(positions)
     blocks = find_blocks(model)
     handles = []
 
@@ -137,7 +145,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     The argmax of `model.generate(do_sample=False)`, without its per-step machinery and doing less work:
     - a row that has produced a stop token leaves the batch (its KV cache rows are dropped), so later steps
-      compute only the rows still running (SmolLM2's responses end at a median ~25 of 50 tokens);
+      compute only the rows still running (many responses end well before `max_new_tokens`);
     - with `prefix`, the prompts' first columns run once per group of identical rows and their keys and values
       are copied to every row of the group.
     Padding may sit anywhere in a prompt (positions count its real tokens, as `generate` does for left padding).
@@ -192,19 +200,18 @@ def shared_layout(prompt_ids: Sequence[Sequence[int]], pad_id: int, additions: d
     template's system turn) come first, unpadded, then the left-padded rest; rows with the same additions share
     that part, steered.
     """
-    width = max(len(p) for p in prompt_ids)
-    if positions == "answer":
-        ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompt_ids])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-        _, group = torch.unique(torch.cat([ids[:, :-1], mask[:, :-1]], dim=1), dim=0, return_inverse=True)
-        return ids, mask, SharedPrefix(width - 1, group, steered=False)
-    common = min(len(p) for p in prompt_ids) - 1  # at least one token of every prompt stays unshared
-    first = prompt_ids[0]
-    common = next((i for i in range(common) if any(p[i] != first[i] for p in prompt_ids)), common)
+    n, width, first = len(prompt_ids), max(len(p) for p in prompt_ids), prompt_ids[0]
+    common = 0  # answer positions: plain left padding
+    if positions == "all":  # the longest start all prompts share, leaving at least one token of each unshared
+        shortest = min(len(p) for p in prompt_ids) - 1
+        common = next((i for i in range(shortest) if any(p[i] != first[i] for p in prompt_ids)), shortest)
     ids = torch.tensor([list(p[:common]) + [pad_id] * (width - len(p)) + list(p[common:]) for p in prompt_ids])
     mask = torch.tensor([[1] * common + [0] * (width - len(p)) + [1] * (len(p) - common) for p in prompt_ids])
-    rows = torch.cat([a.float().reshape(len(prompt_ids), -1) if a.dim() == 2 else a.float().expand(len(prompt_ids), -1)
-                      for _, a in sorted(additions.items())], dim=1) if additions else torch.zeros(len(prompt_ids), 1)
+    if positions == "answer":  # rows with the same prompt (padding included) share all of it but the last token
+        _, group = torch.unique(torch.cat([ids[:, :-1], mask[:, :-1]], dim=1), dim=0, return_inverse=True)
+        return ids, mask, SharedPrefix(width - 1, group, steered=False)
+    rows = torch.cat([a.float().expand(n, -1) for _, a in sorted(additions.items())], dim=1) if additions \
+        else torch.zeros(n, 1)  # (n, blocks * d): one row's additions at every block
     _, group = torch.unique(rows, dim=0, return_inverse=True)
     return ids, mask, SharedPrefix(common, group, steered=True)
 
@@ -223,8 +230,7 @@ def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], addition
     rows. `system` is the system message (see `data.render_prompt`); `positions` where the additions apply (see
     `steer`).
     """
-    if positions not in ("all", "answer"):
-        raise ValueError(f"Unknown steering positions {positions!r}; use 'all' or 'answer'.")
+    check_positions(positions)
     prompts = [render_prompt(tokenizer, m, system) for m in user_messages]
     device = next(model.parameters()).device
     n = len(prompts)
@@ -283,6 +289,18 @@ def generate_reference(model: nn.Module, tokenizer, user_messages: Sequence[str]
                                                               skip_special_tokens=True)]
 
 
+def grid_rows(vectors: dict[str, ConceptVector], coefficients: Sequence[float], n_questions: int,
+              blocks: Sequence[int] | dict[str, Sequence[int]], scales: dict[str, float] | None = None
+              ) -> tuple[list[tuple[str, float, int]], dict[int, torch.Tensor]]:
+    """A grid's rows (arm, coefficient, question index), arm-major, and their per-row additions
+    (`steering_additions` at coefficient x the arm's `scales` entry, default 1, on the arm's `blocks`)."""
+    scales = scales or {}
+    rows = [(s, c, q) for s in vectors for c in coefficients for q in range(n_questions)]
+    row_blocks = [blocks[s] for s, _, _ in rows] if isinstance(blocks, dict) else blocks
+    eps = [c * scales.get(s, 1.0) for s, c, _ in rows]
+    return rows, steering_additions([vectors[s] for s, _, _ in rows], eps, row_blocks)
+
+
 def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector], questions: Sequence[str],
                   coefficients: Sequence[float], blocks: Sequence[int] | dict[str, Sequence[int]],
                   max_new_tokens: int = 50, scales: dict[str, float] | None = None, system: str | None = None,
@@ -293,11 +311,7 @@ def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector]
     multiplied by the arm's `scales` entry (default 1); `coefficient` is the grid value before scaling.
     `system` and `positions` as in `generate`.
     """
-    scales = scales or {}
-    rows = [(s, c, q) for s in vectors for c in coefficients for q in range(len(questions))]
-    row_blocks = [blocks[s] for s, _, _ in rows] if isinstance(blocks, dict) else blocks
-    eps = [c * scales.get(s, 1.0) for s, c, _ in rows]
-    additions = steering_additions([vectors[s] for s, _, _ in rows], eps, row_blocks)
+    rows, additions = grid_rows(vectors, coefficients, len(questions), blocks, scales)
     responses = generate(model, tokenizer, [questions[q] for _, _, q in rows], additions, max_new_tokens,
                          system=system, positions=positions)
     return pd.DataFrame({"setting": [s for s, _, _ in rows], "coefficient": [c for _, c, _ in rows],

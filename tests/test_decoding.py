@@ -25,11 +25,8 @@ def random_vector(info, seed: int = 0) -> vectors.ConceptVector:
 
 def grid_rows(info, coefficients=(0.0, 0.5, 2.0)):
     """Every question at every coefficient (questions repeat, so prompts are shared), with per-row additions."""
-    messages = [q for _ in coefficients for q in QUESTIONS]
-    vector = random_vector(info)
-    additions = steering.steering_additions([vector] * len(messages),
-                                            [c for c in coefficients for _ in QUESTIONS], range(info.n_blocks))
-    return messages, additions
+    rows, additions = steering.grid_rows({"v": random_vector(info)}, coefficients, len(QUESTIONS), range(info.n_blocks))
+    return [QUESTIONS[q] for _, _, q in rows], additions
 
 
 @contextmanager
