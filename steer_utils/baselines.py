@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import data, paths, pipeline, profiles, sadi, steering
 from .cache import atomic_write, cache_key, cached_tensors
 from .paths import CACHE_DIR, model_slug
+from .protocol import ADOPTED, Protocol
 
 BASELINES_VERSION = 1
 VECTOR_METHODS = {"mean-difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
@@ -175,8 +176,9 @@ def tuning_table(scored: pd.DataFrame, chosen: dict[str, list[tuple[int, float]]
 
 def baseline_generations(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
                          questions: dict[str, list[str]], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
-                         max_new_tokens: int = 50, seed: int = 0) -> pd.DataFrame:
-    """Every method's generations for a sample, `setting` = method name, in METHODS order."""
+                         max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = ADOPTED) -> pd.DataFrame:
+    """Every method's generations for a sample, `setting` = method name, in METHODS order; the vector methods are
+    trained and applied under `protocol` (prompting and SADI use none)."""
     parts = []
     for row in tqdm(list(sample.itertuples()), desc="baselines"):
         qs = questions[row.concept_class]
@@ -186,10 +188,10 @@ def baseline_generations(model, tokenizer, model_name: str, sample: pd.DataFrame
             model, tokenizer, row.concept_class, row.concept, qs, max_new_tokens)))
         vectors, _ = pipeline.run_concept(model, tokenizer, model_name, row.concept_class, row.concept, statements, qs,
                                           [pipeline.Setting.parse(s) for s in VECTOR_METHODS.values()],
-                                          max_new_tokens=max_new_tokens, seed=seed)
+                                          max_new_tokens=max_new_tokens, seed=seed, protocol=protocol)
         parts.append(vectors.replace({"setting": {v: k for k, v in VECTOR_METHODS.items()}}))
         ours, _ = pipeline.run_layer_selection(model, tokenizer, model_name, row.concept_class, row.concept, statements,
-                                               qs, max_new_tokens=max_new_tokens, seed=seed)
+                                               qs, max_new_tokens=max_new_tokens, seed=seed, protocol=protocol)
         parts.append(ours[ours.setting == block_set].assign(setting="ours"))
     parts.append(run_sadi(model, tokenizer, model_name, sample, statements, questions, sadi_settings, max_new_tokens,
                           seed))
@@ -206,10 +208,10 @@ def _timed(fn):
 
 def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                questions: list[str], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
-               max_new_tokens: int = 50, seed: int = 0) -> pd.DataFrame:
+               max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = ADOPTED) -> pd.DataFrame:
     """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
     acts, extract_s = _timed(lambda: pipeline.concept_activations(model, tokenizer, model_name, concept_class, concept,
-                                                                  statements, cached=False))
+                                                                  statements, cached=False, protocol=protocol))
     coefficients = list(pipeline.COEFFICIENTS)
     rows = [{"method": "prompting", "extract_s": 0.0, "fit_s": 0.0, "n_generations": len(questions),
              "generate_s": _timed(lambda: prompting_grid(model, tokenizer, concept_class, concept, questions,
@@ -224,7 +226,8 @@ def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: s
         vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse(setting), model_name, seed)
         fit_s = time.perf_counter() - fit_start
         generate_s = _timed(lambda: steering.generate_grid(model, tokenizer, {method: vector}, questions, coefficients,
-                                                           blocks, max_new_tokens, {method: scale}))[1]
+                                                           blocks, max_new_tokens, {method: scale},
+                                                           protocol.system, protocol.positions))[1]
         rows.append({"method": method, "extract_s": extract_s, "fit_s": fit_s,
                      "n_generations": len(coefficients) * len(questions), "generate_s": generate_s})
     messages = dict(zip(("prefixed", "plain"), data.paired_messages(concept_class, concept, statements)))

@@ -18,7 +18,7 @@ from . import data, enrichment, evaluation, extraction, labels, selection, steer
 from .cache import atomic_write, cache_key, upstream_versions
 from .extraction import Activations, extract_cached, user_layout
 from .paths import CACHE_DIR, model_slug
-from .protocol import PAPER, Protocol
+from .protocol import ADOPTED, PAPER, Protocol
 
 # Bump when token selection, labels, vector fitting, enrichment or steered generation change their results;
 # every generations/layers/baselines entry is then recomputed. 2: generation with SDPA attention.
@@ -67,7 +67,7 @@ class ConceptActivations:
 
 def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
                         statements: list[str], batch_size: int = 16, cached: bool = True,
-                        protocol: Protocol = PAPER) -> ConceptActivations:
+                        protocol: Protocol = ADOPTED) -> ConceptActivations:
     """Extract the activations of the paired prompts of one concept (from the disk cache unless `cached=False`),
     with the protocol's system prompt, and of its contrast concepts' prefixed prompts when `protocol.contrast`."""
     prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements, protocol.system)
@@ -138,7 +138,7 @@ def _run_inputs(model, model_name: str, concept_class: str, concept: str, statem
 
 def generation_keys(model, model_name: str, concept_class: str, concept: str, statements: list[str],
                     questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
-                    max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = PAPER) -> dict[str, str]:
+                    max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = ADOPTED) -> dict[str, str]:
     """The cache key of each setting's generations for one concept (`run_concept`'s entries), by setting name.
 
     The protocol enters the key only where it differs from the paper's, so the paper protocol's keys are unchanged.
@@ -154,7 +154,7 @@ def generation_keys(model, model_name: str, concept_class: str, concept: str, st
 def run_concept(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                 questions: list[str], settings: list[Setting], coefficients=COEFFICIENTS, blocks=None,
                 max_new_tokens: int = 50, seed: int = 0, batch_size: int = 16,
-                protocol: Protocol = PAPER) -> tuple[pd.DataFrame, pd.DataFrame]:
+                protocol: Protocol = ADOPTED) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit every setting for one concept and generate its coefficient × question grid under `protocol`.
 
     Each (concept, setting) is cached on its own (generations, fit table and the concept vector as
@@ -276,10 +276,10 @@ def concept_enrichment(acts: ConceptActivations, null: str = "scattered", n_draw
 
 
 def enrichment_tables(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
-                      batch_size: int = 16, **kwargs) -> pd.DataFrame:
+                      batch_size: int = 16, protocol: Protocol = ADOPTED, **kwargs) -> pd.DataFrame:
     """`concept_enrichment` for every concept of a sample (activations come from the extraction cache)."""
     tables = [concept_enrichment(concept_activations(model, tokenizer, model_name, row.concept_class, row.concept,
-                                                     statements, batch_size), **kwargs)
+                                                     statements, batch_size, protocol=protocol), **kwargs)
               for row in tqdm(list(sample.itertuples()), desc="enrichment")]
     return pd.concat(tables, ignore_index=True)
 
@@ -319,8 +319,10 @@ def _enrichment_defaults() -> dict:
 def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
                         questions: list[str], setting: str = "attention-soft-rfm", fractions=LAYER_FRACTIONS,
                         n_random: int = 3, coefficients=COEFFICIENTS, max_new_tokens: int = 50, seed: int = 0,
-                        batch_size: int = 16, **enrichment_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One concept's vector steered through each block set of `block_sets`, in one batched call; cached.
+                        batch_size: int = 16, protocol: Protocol = ADOPTED,
+                        **enrichment_kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One concept's vector (trained and applied under `protocol`) steered through each block set of `block_sets`,
+    in one batched call; cached.
 
     A set of k blocks gets the coefficient grid scaled by (#steerable / k), so every set injects about the
     same total shift into the residual stream as steering all blocks (`eps` column = the applied value).
@@ -328,18 +330,23 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
+    if protocol.blocks != "all":
+        raise ValueError(f"Layer selection chooses its own blocks; give a protocol with blocks='all', not "
+                         f"{protocol.name!r}.")
     enrichment_kwargs = {**_enrichment_defaults(), **enrichment_kwargs}  # omitted and explicit defaults: one key
     key = cache_key("layers", PIPELINE_VERSION, setting=setting, fractions=list(fractions), n_random=n_random,
                     **_run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
-                                  max_new_tokens, seed), **enrichment_kwargs)
+                                  max_new_tokens, seed), **enrichment_kwargs,
+                    **({"protocol": protocol.changes()} if protocol.changes() else {}))
     folder = CACHE_DIR / "layers" / model_slug(model_name)
     gen_path, enrich_path = folder / f"{key}.csv", folder / f"{key}.enrichment.csv"
     if not gen_path.exists():
-        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size)
+        acts = concept_activations(model, tokenizer, model_name, concept_class, concept, statements, batch_size,
+                                   protocol=protocol)
         table, sets, scales = enriched_block_sets(acts, fractions, n_random, seed, **enrichment_kwargs)
-        vector, _ = fit_setting(acts, Setting.parse(setting), model_name, seed)
+        vector = protocol.scaled(fit_setting(acts, Setting.parse(setting), model_name, seed)[0], sets["all"])
         grid = steering.generate_grid(model, tokenizer, {name: vector for name in sets}, questions, coefficients,
-                                      sets, max_new_tokens, scales)
+                                      sets, max_new_tokens, scales, protocol.system, protocol.positions)
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
         grid.insert(3, "block_set", grid.setting.str.replace(evaluation.DRAW_SUFFIX, "", regex=True))

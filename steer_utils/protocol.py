@@ -97,3 +97,19 @@ class Protocol:
 
 
 PAPER = Protocol()
+ADOPTED = Protocol(contrast=3)
+"""The protocol of notebooks 01-05 and the benchmark, chosen in notebook 06 on the development split (SmolLM2,
+default profile): its two best arms by held-out steerability both train class-contrastively with 3 other concepts of
+the class (difference of means 0.08, RFM 0.05, paper 0.00; `results/smollm2-135m/06_choice.csv`). The other factors
+moved nothing there, so they keep the paper's levels. `PAPER` reproduces the paper's training."""
+
+
+def resolve_protocol(name: str | None) -> Protocol:
+    """A notebook's `steering_protocol` parameter: None -> `ADOPTED`, else `Protocol.parse(name)` ('paper', ...)."""
+    if name is None:
+        return ADOPTED
+    if not isinstance(name, str):
+        raise ValueError(f"steering_protocol must be None (notebook 06's choice), 'paper' or fields such as "
+                         f"'contrast=3', got {name!r}.")
+    return Protocol.parse(name)
+

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, models, pipeline, steering, study, vectors
+from steer_utils import cache, data, models, paths, pipeline, steering, study, vectors
 from steer_utils.extraction import find_blocks
-from steer_utils.protocol import PAPER, Protocol
+from steer_utils.protocol import ADOPTED, PAPER, Protocol, resolve_protocol
 
 STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
               "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
@@ -124,7 +124,7 @@ def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_ca
     assert is_prefixed.sum() == n and is_prefixed[:n].all()
     assert (y[n:] == 0).all() and y[:n].max() == 1
     plain, _, _, _ = pipeline.training_set(
-        pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS),
+        pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, protocol=PAPER),
         pipeline.Setting.parse("attention-soft-rfm"))
     torch.testing.assert_close(features[:2 * n], plain, atol=1e-5, rtol=1e-5)  # the paper's rows come first
 
@@ -132,8 +132,8 @@ def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_ca
 def test_paper_protocol_keeps_its_cache_keys_and_others_get_their_own(tiny):
     model, _, _ = tiny
     args = (model, "tiny", "moods", "Cheerful", STATEMENTS, ["Q?"], [pipeline.Setting.parse("attention-soft-rfm")])
-    paper = pipeline.generation_keys(*args)
-    assert pipeline.generation_keys(*args, protocol=PAPER) == paper
+    paper = pipeline.generation_keys(*args, protocol=PAPER)
+    assert pipeline.generation_keys(*args) == pipeline.generation_keys(*args, protocol=ADOPTED) != paper
     keys = {pipeline.generation_keys(*args, protocol=p)["attention-soft-rfm"]
             for p in (PAPER, Protocol(scaling="mean_norm"), Protocol(positions="answer"), Protocol(contrast=1))}
     assert len(keys) == 4
@@ -143,7 +143,8 @@ def test_run_concept_applies_the_protocol(tiny, tmp_cache):
     model, tokenizer, info = tiny
     setting = [pipeline.Setting.parse("attention-hard-rfm")]
     common = dict(coefficients=[0.0, 4.0], max_new_tokens=4)
-    paper, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting, **common)
+    paper, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting, **common,
+                                    protocol=PAPER)
     same, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting,
                                    **common, protocol=Protocol(positions="all"))
     pd.testing.assert_frame_equal(paper, same)  # the paper protocol, spelled out: the same entry
@@ -247,3 +248,30 @@ def test_steering_strip_orders_coefficients_and_names_missing_concepts(tmp_path)
 
     paths = plots.save_figure(plots.plot_steering_strip(strip, "strip"), tmp_path, "strip")
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_adopted_protocol_is_the_protocol_of_notebook_06s_choice():
+    choice = pd.read_csv(paths.results_dir("smollm2-135m") / "06_choice.csv")
+    chosen = choice.sort_values("rank").arm.iloc[0]
+    assert {arm.name: arm.protocol for arm in study.ARMS}[chosen] == ADOPTED != PAPER
+
+
+def test_resolve_protocol_defaults_to_the_adopted_one_and_rejects_non_strings():
+    assert resolve_protocol(None) == ADOPTED and resolve_protocol("paper") == PAPER
+    assert resolve_protocol("contrast=2,positions=answer") == Protocol(contrast=2, positions="answer")
+    with pytest.raises(ValueError, match="steering_protocol must be None"):
+        resolve_protocol(3)
+
+
+def test_layer_selection_runs_under_a_protocol_and_rejects_one_that_picks_blocks(tiny, tmp_cache):
+    model, tokenizer, _ = tiny
+    run = dict(fractions=(0.5,), n_random=1, coefficients=(0.05,), max_new_tokens=3, n_draws=20)
+    with pytest.raises(ValueError, match="chooses its own blocks"):
+        pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
+                                     protocol=Protocol(blocks="middle"), **run)
+    paper, _ = pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
+                                            protocol=PAPER, **run)
+    contrast, _ = pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
+                                               protocol=Protocol(contrast=2), **run)
+    assert len(list((tmp_cache / "layers" / "tiny").glob("*.enrichment.csv"))) == 2  # one cache entry each
+    assert list(paper.setting) == list(contrast.setting)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from steer_utils import cache, data, extraction, models, pipeline
 from steer_utils.paths import NOTEBOOKS_DIR, ROOT
+from steer_utils.protocol import PAPER
 
 NOTEBOOK = NOTEBOOKS_DIR / "01_token_selection.ipynb"
 PARAMETERS = ["-p", "profile", "smoke", "-p", "n_concepts_per_class", "2"]  # 10 concepts x 3 settings
@@ -82,7 +83,8 @@ def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monke
     model, _, _ = tiny
     settings = [pipeline.Setting.parse("attention-soft-rfm")]
     base = dict(model=model, model_name="tiny", concept_class="moods", concept="Cheerful", statements=["a.", "b."],
-                questions=["Why?"], settings=settings, coefficients=(0.02,), blocks=[1], max_new_tokens=5, seed=0)
+                questions=["Why?"], settings=settings, coefficients=(0.02,), blocks=[1], max_new_tokens=5, seed=0,
+                protocol=PAPER)
     key = pipeline.generation_keys(**base)["attention-soft-rfm"]
     # The key is the one the existing cache was written with (adding the upstream versions invalidated nothing).
     old_inputs = dict(model="tiny", dtype="torch.float32", concept=["moods", "Cheerful"],
@@ -107,7 +109,7 @@ def test_unchanged_rerun_computes_nothing_and_changed_inputs_get_new_entries(tin
     monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
     settings = [pipeline.Setting.parse(s) for s in ("fixed-hard-rfm", "attention-soft-rfm")]
     statements = data.load_statements(n=6)
-    kwargs = dict(coefficients=(0.0, 0.02), max_new_tokens=4)
+    kwargs = dict(coefficients=(0.0, 0.02), max_new_tokens=4, protocol=PAPER)
 
     def run(n: int):
         return pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", statements[:n], ["Why?", "Hi."],
