@@ -32,14 +32,14 @@ OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 tha
 
 
 def ours_block_set(model_name: str, block_set: str = "auto", protocol: str = "held_out",
-                   candidates: tuple[str, ...] = OURS_CANDIDATES) -> str:
+                   candidates: tuple[str, ...] = OURS_CANDIDATES, variant: str = "") -> str:
     """The block set `ours` steers: `block_set` itself, or ("auto") the candidate with the highest overall
-    steerability in notebook 03's table for this model (ties: the first listed)."""
+    steerability in notebook 03's table for this model and steering protocol (`variant`; ties: the first listed)."""
     if block_set != "auto":
         if block_set not in candidates:
             raise ValueError(f"Unknown block set '{block_set}' for ours; use 'auto' or one of: {', '.join(candidates)}.")
         return block_set
-    path = paths.results_dir(model_name) / "03_steerability.csv"
+    path = paths.results_dir(model_name, variant=variant) / "03_steerability.csv"
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' is missing; run notebook 03 for {model_name} first, or give block_set "
                                 f"as one of: {', '.join(candidates)}.")

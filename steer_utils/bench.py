@@ -12,7 +12,8 @@ Measured in one run:
   extraction and fitting grow with statements and blocks (least-squares slope, log-log exponent);
 - generation: tokens/s over one concept's grid, ours vs one `model.generate` call (and whether the responses
   are identical), and where our time goes (prefill, decoding's LM head, linears, attention core, the rest);
-- RFM fit time of one block vs number of examples; peak RSS of a default-profile concept in a fresh process;
+- RFM fit time of one block vs number of examples, and the example cap's cost and effect on one real training set
+  (time, held-out correlation, cosine to the uncapped vector); peak RSS of a default-profile concept in a fresh process;
 - wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
   notebook 01 on the `full` profile (492 concepts: all but the development split; all statements, five questions);
 - bf16 against fp32 (speed of extraction and generation; identical responses, equal judge scores and the
@@ -43,6 +44,7 @@ from . import data, judge, models, pipeline, plots, steering, vectors
 from .cache import write_csv
 from .extraction import extract, extract_reference, find_blocks
 from .paths import CACHE_DIR, FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
+from .protocol import ADOPTED
 
 SETTINGS = ("fixed-hard-rfm", "attention-hard-rfm", "attention-soft-rfm")  # notebook 01's grid
 CONCEPT = ("moods", "cheerful")
@@ -114,25 +116,31 @@ def bench_extraction(table: Table, name: str, model, tokenizer, n_statements: in
 
 
 def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, ...], grader) -> dict[str, float]:
-    """Per-concept cost of each stage and its growth with statements and blocks; returns the fitted slopes."""
+    """Per-concept cost of each stage under the adopted protocol (`protocol.ADOPTED`: the concept's prefixed prompts
+    and its contrast concepts' ones) and its growth with statements and blocks; returns the measured costs."""
     statements = data.load_statements(n=max(counts))
     questions = data.load_questions()[CONCEPT[0]][:5]
     n_blocks = len(find_blocks(model))
-    extract_s, fit_s, test_s = [], [], []
+    others = data.neighbour_concepts(*CONCEPT, ADOPTED.contrast)
+    extract_s, fit_s, test_s, examples = [], [], [], []
     for n in counts:
         prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, statements[:n])
-        n_tail, pad = len(data.shared_tail(prefixed + plain)), tokenizer.pad_token_id
+        contrast = [p for other in others for p in data.paired_prompts(tokenizer, CONCEPT[0], other, statements[:n])[0]]
+        n_tail, pad = len(data.shared_tail(prefixed + plain + contrast)), tokenizer.pad_token_id
         start = time.perf_counter()
         pre = extract(model, prefixed, n_tail, pad, keep_user_attention=True)
+        negatives = extract(model, contrast, n_tail, pad) if contrast else None
         extract_s.append(time.perf_counter() - start)
-        acts = pipeline.ConceptActivations(*CONCEPT, pre, extract(model, plain, n_tail, pad),
-                                           ["t"] * n_tail, *pipeline.user_layout(prefixed))
+        acts = pipeline.ConceptActivations(*CONCEPT, pre, extract(model, plain, n_tail, pad), ["t"] * n_tail,
+                                           *pipeline.user_layout(prefixed), negatives)
+        examples.append(len(prefixed) + len(plain) + len(contrast))
         fit_s.append(_seconds(lambda: pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), name)))
         test_s.append(_seconds(lambda: pipeline.concept_enrichment(acts)))
-    for stage, seconds in (("extract (prefixed prompts)", extract_s), ("fit one setting, all blocks", fit_s),
+    for stage, seconds in (("extract (prefixed + contrast prompts)", extract_s), ("fit one setting, all blocks", fit_s),
                            ("enrichment test", test_s)):
-        for n, s in zip(counts, seconds):
-            table.add("stage vs statements", name, stage, s, "s/concept", f"{n} statements")
+        for n, m, s in zip(counts, examples, seconds):
+            table.add("stage vs statements", name, stage, s, "s/concept",
+                      f"{n} statements ({m} examples, protocol {ADOPTED.name})")
         slope, intercept, exponent = linear_fit(counts, seconds)
         table.add("growth", name, f"{stage}: slope", slope, "s per statement",
                   f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
@@ -144,6 +152,7 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     slope, intercept, exponent = linear_fit(block_counts, block_s)
     table.add("growth", name, "fit one setting: slope", slope, "s per block",
               f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
+    bench_rfm_cap(table, name, features, y)
 
     arms = {s: pipeline.fit_setting(acts, pipeline.Setting.parse(s), name)[0] for s in SETTINGS}
     messages, responses, generate_s = bench_generation(table, name, model, tokenizer, arms, questions,
@@ -152,7 +161,27 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     note = f"{len(messages)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
     table.add("stage", name, "generate grid", generate_s, "s/concept", note)
     table.add("stage", name, "judge grid", judge_s, "s/concept", note)
-    return {"counts": counts, "extract": extract_s, "fit": fit_s, "generate": generate_s, "judge": judge_s}
+    return {"counts": counts, "examples": examples, "extract": extract_s, "fit": fit_s, "generate": generate_s,
+            "judge": judge_s}
+
+
+def bench_rfm_cap(table: Table, name: str, features: torch.Tensor, y: torch.Tensor) -> None:
+    """The RFM example cap (`vectors.RFM_MAX_EXAMPLES`) on one concept's real training set: fit time and held-out
+    correlation with and without it, and the cosine between the two vectors, mean over blocks."""
+    cap = vectors.RFM_MAX_EXAMPLES
+    if len(features) <= cap:
+        return
+    fits = {}
+    for label, max_examples in (("uncapped", None), (f"capped at {cap}", cap)):
+        seconds = _seconds(lambda: fits.__setitem__(label, vectors.fit_rfm(features, y, max_examples=max_examples)))
+        v, details = fits[label]
+        note = f"{len(features)} examples, attention-soft-rfm, all blocks"
+        table.add("rfm cap", name, f"fit, {label}", seconds, "s", note)
+        table.add("rfm cap", name, f"held-out correlation, {label}", float(np.mean([d["val_corr"] for d in details])),
+                  "", note + ", mean over blocks (each fit's own held-out split)")
+    cosine = torch.nn.functional.cosine_similarity(fits["uncapped"][0], fits[f"capped at {cap}"][0], dim=-1).abs()
+    table.add("rfm cap", name, "|cosine| capped vs uncapped", float(cosine.mean()), "",
+              f"mean over blocks (min {float(cosine.min()):.3f})")
 
 
 @contextmanager
@@ -307,7 +336,7 @@ def bench_rfm(table: Table, name: str, d: int, sizes: tuple[int, ...]) -> None:
     for n in sizes:
         X = torch.randn(n, 1, d, generator=generator)
         y = (X[:, :, 0] > 0).float()
-        seconds.append(_seconds(lambda: vectors.fit_rfm(X, y), repeats=2))
+        seconds.append(_seconds(lambda: vectors.fit_rfm(X, y, max_examples=None), repeats=2))
         table.add("rfm vs examples", name, "fit one block", seconds[-1], "s", f"{n} examples, d={d}")
     _, _, exponent = linear_fit(sizes, seconds)
     table.add("growth", name, "fit one block vs examples: log-log exponent", exponent, "",
@@ -352,14 +381,17 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
 
 
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
-    """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5 questions."""
+    """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5
+    questions, under the adopted protocol. A fit above the RFM's example cap costs what the measured capped fit did."""
     n_concepts, n_statements = len(data.sample_concepts(None)), len(data.load_statements())
     extract_s = power_law(costs["counts"], costs["extract"], n_statements)
-    fit_s = len(SETTINGS) * power_law(costs["counts"], costs["fit"], n_statements)
+    capped = costs["examples"][-1] >= vectors.RFM_MAX_EXAMPLES
+    fit_s = len(SETTINGS) * (costs["fit"][-1] if capped else power_law(costs["counts"], costs["fit"], n_statements))
     per_concept = extract_s + fit_s + costs["generate"] + costs["judge"]
     table.add("projection", name, "01 full profile", n_concepts * per_concept / 3600, "h",
               f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s, "
-              f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; power-law fits)")
+              f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; "
+              f"{'fit: the measured capped fit' if capped else 'power-law fits'}; protocol {ADOPTED.name})")
 
 
 def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool,

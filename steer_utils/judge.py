@@ -8,7 +8,8 @@ Two judges share one API, `score(...)` (0/1 per row) and `score_table(...)` (the
   coherence score (repetition, distinct-token ratio, gibberish) and a non-answer check (refusals).
 - `openai`: any OpenAI-compatible chat model asked for a 0/1 verdict with the same rubric, temperature 0.
 
-Validated against hand-labelled cases in `tests/data/judge_cases.jsonl` (see `tests/test_judge.py`).
+Validated against hand-labelled cases in `data/judge_cases.jsonl` (`load_cases`; see `tests/test_judge.py`);
+`confirmed_scores` keeps a judge's 1 only where a person labelled the same response on-concept.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .data import check_class, concept_text, load_concepts
+from .paths import JUDGE_CASES_FILE
 
 JUDGES = ("embedding", "openai")
 # One short description per concept, embedded once per class and cached in the judge.
@@ -88,7 +90,7 @@ def agreement(labels, predictions) -> dict:
 class EmbeddingJudge:
     """Offline judge from all-MiniLM-L6-v2 embeddings, concept ranks and text heuristics (fp32, deterministic)."""
 
-    # top_k and min_relevance were chosen on the dev split of tests/data/judge_cases.jsonl (dev accuracy is flat
+    # top_k and min_relevance were chosen on the dev split of data/judge_cases.jsonl (dev accuracy is flat
     # for min_relevance 0.10-0.225 at top_k=2). The dev split leaves the coherence floor (anything in (0, 0.78])
     # and the question floor (anything below 0.04) open, so they keep their prior values.
     def __init__(self, top_k: int = 2, min_relevance: float = 0.2, min_coherence: float = 0.5,
@@ -306,3 +308,33 @@ def load_judge(name: str = "embedding", **kwargs) -> EmbeddingJudge | OpenAIJudg
     if name == "openai":
         return OpenAIJudge(**kwargs)
     raise ValueError(f"Unknown judge '{name}'; use one of: {', '.join(JUDGES)}.")
+
+
+def load_cases(path: Path = JUDGE_CASES_FILE) -> pd.DataFrame:
+    """The hand-labelled responses, one row each: concept_class, concept, question, response, label (0/1), kind,
+    split (dev: thresholds may be tuned on it; test: held out), source (written or generated) and round."""
+    return pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()])
+
+
+def confirmed_scores(scored: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
+    """Judged generations with `human` (the hand label of the same concept and response, NaN if none) and `score`
+    = 1 only where the judge and a person both say on-concept; `judge_score` keeps the judge's own verdict.
+
+    A judge-positive response nobody labelled counts as 0, so the result is a lower bound unless every judge
+    positive is labelled (`confirmation_table` counts them)."""
+    labels = cases.drop_duplicates(["concept", "response"]).set_index(["concept", "response"]).label
+    human = labels.reindex(pd.MultiIndex.from_arrays([scored.concept, scored.response])).to_numpy()
+    return scored.assign(judge_score=scored.score, human=human,
+                         score=((scored.score == 1) & (human == 1)).astype(int))
+
+
+def confirmation_table(confirmed: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: the judge's positive responses, how many a person labelled, how many were on-concept, and the
+    judge's precision on the labelled ones."""
+    positives = confirmed[confirmed.judge_score == 1]
+    table = positives.groupby("setting", sort=False).agg(
+        judge_positive=("judge_score", "size"), labelled=("human", lambda s: int(s.notna().sum())),
+        confirmed=("human", lambda s: int((s == 1).sum())))
+    table["precision"] = table.confirmed / table.labelled.where(table.labelled > 0)
+    return table.reset_index()
+

@@ -14,6 +14,7 @@ DATA_DIR = ROOT / "data"
 CONCEPTS_DIR = DATA_DIR / "concepts"
 STATEMENTS_FILE = DATA_DIR / "statements.txt"
 QUESTIONS_FILE = DATA_DIR / "questions.yaml"
+JUDGE_CASES_FILE = DATA_DIR / "judge_cases.jsonl"  # hand-labelled responses: the judge's validation set
 NOTEBOOKS_DIR = ROOT / "notebooks"
 
 RESULTS_DIR = Path(os.environ.get("STEER_RESULTS_DIR", ROOT / "results"))
@@ -48,19 +49,21 @@ def shard_name(shard_index: int, num_shards: int) -> str:
     return f"{shard_index}-of-{num_shards}"
 
 
-def _output_dir(root: Path, model: str, shard_index: int, num_shards: int) -> Path:
-    path = root / model_slug(model)
+def _output_dir(root: Path, model: str, shard_index: int, num_shards: int, variant: str = "") -> Path:
+    path = root / model_slug(model) / variant
     if check_shard(shard_index, num_shards)[1] > 1:
         path = path / "shards" / shard_name(shard_index, num_shards)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def results_dir(model: str, shard_index: int = 0, num_shards: int = 1) -> Path:
-    """`results/<model>/` (or `results/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing."""
-    return _output_dir(RESULTS_DIR, model, shard_index, num_shards)
+def results_dir(model: str, shard_index: int = 0, num_shards: int = 1, variant: str = "") -> Path:
+    """`results/<model>/` (or `results/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing; a
+    `variant` (e.g. 'protocol-paper', a run off the adopted protocol) is a subfolder: `results/<model>/<variant>/`."""
+    return _output_dir(RESULTS_DIR, model, shard_index, num_shards, variant)
 
 
-def figures_dir(model: str, shard_index: int = 0, num_shards: int = 1) -> Path:
-    """`figures/<model>/` (or `figures/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing."""
-    return _output_dir(FIGURES_DIR, model, shard_index, num_shards)
+def figures_dir(model: str, shard_index: int = 0, num_shards: int = 1, variant: str = "") -> Path:
+    """`figures/<model>/` (or `figures/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing; a
+    `variant` is a subfolder, as for `results_dir`."""
+    return _output_dir(FIGURES_DIR, model, shard_index, num_shards, variant)

@@ -113,3 +113,9 @@ def resolve_protocol(name: str | None) -> Protocol:
                          f"'contrast=3', got {name!r}.")
     return Protocol.parse(name)
 
+
+def output_variant(protocol: Protocol) -> str:
+    """The results/figures subfolder of a run under `protocol`: '' for `ADOPTED` (the committed tables), else
+    'protocol-<name>' (e.g. 'protocol-paper'), so a run off the adopted protocol never overwrites them."""
+    return "" if protocol == ADOPTED else f"protocol-{protocol.name}"
+

@@ -22,7 +22,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from . import data, evaluation, pipeline, selection, steering, vectors
+from . import data, evaluation, judge, pipeline, selection, steering, vectors
 from .cache import atomic_write, cache_key
 from .models import attention_implementation
 from .paths import CACHE_DIR, model_slug
@@ -202,6 +202,15 @@ def bound_table(scored: pd.DataFrame, prompted: pd.DataFrame, arms: list[str]) -
                      "best_of_grid": best.steerability.mean(), "held_out": held.steerability.mean(),
                      "steered_where_prompting_steers": best.steered_any[reachable.reindex(best.index)].mean()})
     return pd.DataFrame(rows)
+
+
+def confirmation(scored: pd.DataFrame, cases: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """`factor_table` on the responses that the judge *and* a person (`cases`) call on-concept, with each arm's
+    judge positives, how many a person labelled and confirmed (`judge.confirmation_table`). An arm whose judge
+    positives are not all labelled gets a lower bound."""
+    confirmed = judge.confirmed_scores(scored, cases)
+    counts = judge.confirmation_table(confirmed).rename(columns={"setting": "arm"})
+    return factor_table(confirmed, seed).merge(counts, on="arm", how="left")
 
 
 def choice_table(factors: pd.DataFrame) -> pd.DataFrame:

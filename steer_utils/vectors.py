@@ -18,6 +18,10 @@ from .cache import save_tensors
 
 METHODS = ("rfm", "linear", "logistic", "mean_difference", "pca")
 RFM_BANDWIDTHS = (1.0, 10.0, 100.0)
+# The RFM's kernel solve is cubic and its updates quadratic in examples: above this many (the full profile, or
+# class-contrastive training on many statements) it fits a seeded subsample with the same share of positives.
+# Every default-profile fit (at most 320 examples) is below it, so the cap changes none of their vectors.
+RFM_MAX_EXAMPLES = 512
 
 
 # --- RFM -------------------------------------------------------------------------------------------
@@ -102,13 +106,27 @@ def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 256, seed: i
     return order[n_val:], order[:n_val]
 
 
+def stratified_subsample(is_positive: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of k of the n examples, seeded, keeping the share of positives (at least one of each kind)."""
+    positives, negatives = torch.nonzero(is_positive).flatten(), torch.nonzero(~is_positive).flatten()
+    k_pos = min(len(positives), max(1, round(k * len(positives) / len(is_positive))))
+    k_neg = min(len(negatives), k - k_pos)
+    generator = torch.Generator().manual_seed(seed)
+    keep = [idx[torch.randperm(len(idx), generator=generator)[:m]] for idx, m in ((positives, k_pos), (negatives, k_neg))]
+    return torch.cat(keep).sort().values
+
+
 def fit_rfm(X: torch.Tensor, y: torch.Tensor, bandwidths=RFM_BANDWIDTHS, reg: float = 1e-3, iters: int = 10,
-            seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+            seed: int = 0, max_examples: int | None = RFM_MAX_EXAMPLES) -> tuple[torch.Tensor, list[dict]]:
     """RFM vectors of all blocks at once: X (n, n_blocks, d), y (n, n_blocks) -> (n_blocks, d), details per block.
 
     Grid: bandwidth × row normalisation (unit-norm rows, or the block's states divided by their
     mean norm). A setting's score is |corr(held-out projections, held-out labels)|; the best wins per block.
+    More than `max_examples` examples (None: no cap): a `stratified_subsample` of them (positive: any label > 0).
     """
+    if max_examples is not None and len(X) > max_examples:
+        keep = stratified_subsample((y > 0).any(1), max_examples, seed)
+        X, y = X[keep], y[keep]
     n, n_blocks, d = X.shape
     train, val = split_indices(n, seed=seed)
     X = X.float().transpose(0, 1)  # (n_blocks, n, d)

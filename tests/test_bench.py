@@ -78,3 +78,21 @@ def test_generation_section_on_a_tiny_model(sharp_model_dir):
     assert parts["prefill"] + parts["decode"] + parts["outside the forward passes"] == pytest.approx(100)
     assert parts[["lm head", "block linears", "attention core"]].sum() <= parts["decode"] + 1e-6
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the timers are removed
+
+
+def test_stage_section_under_the_adopted_protocol_with_the_rfm_cap(tiny_model_dir, monkeypatch):
+    model, tokenizer, _ = models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    monkeypatch.setattr(bench.vectors, "RFM_MAX_EXAMPLES", 12)  # 2 statements x (2 + 3 contrast) = 10, 4 -> 20
+    monkeypatch.setattr(bench, "bench_generation", lambda *a, **k: (["q"], ["r"], 1.0))
+    grader = type("Grader", (), {"score_table": lambda self, *a: None})()
+    table = bench.Table()
+    costs = bench.bench_stages(table, "tiny", model, tokenizer, (2, 4), grader)
+    assert costs["examples"] == [10, 20]
+    frame = table.frame()
+    assert set(frame[frame.section == "stage vs statements"].quantity) == {
+        "extract (prefixed + contrast prompts)", "fit one setting, all blocks", "enrichment test"}
+    cap = frame[frame.section == "rfm cap"].set_index("quantity").value
+    assert {"fit, uncapped", "fit, capped at 12", "|cosine| capped vs uncapped"} <= set(cap.index)
+    assert 0 <= cap["|cosine| capped vs uncapped"] <= 1 + 1e-6
+    bench.project_full(table, "tiny", costs)
+    assert "the measured capped fit" in table.frame().query("section == 'projection'").note.iloc[0]

@@ -1,4 +1,4 @@
-"""The response judge: API, errors, and agreement with the hand-labelled cases in tests/data/judge_cases.jsonl."""
+"""The response judge: API, errors, and agreement with the hand-labelled cases in data/judge_cases.jsonl."""
 from __future__ import annotations
 
 import json
@@ -11,17 +11,19 @@ import pytest
 import torch
 
 from steer_utils import data
-from steer_utils.judge import NON_ANSWER, agreement, load_judge
+from steer_utils.judge import NON_ANSWER, agreement, confirmation_table, confirmed_scores, load_cases, load_judge
 
-CASES = Path(__file__).resolve().parent / "data" / "judge_cases.jsonl"
 KINDS = {"positive", "paraphrase", "other-concept", "antonym", "generic", "repetition", "gibberish", "non-answer"}
 GENERATED_KINDS = KINDS | {"nonsense"}  # confident-looking text that is about nothing (e.g. "The Shadow of Zephyra")
 # Written cases (135, by hand): accuracy 0.919, kappa 0.836 (dev 0.944 / 0.887, test 0.891 / 0.778).
 # The floors leave room for ~5 flipped cases (float noise across platforms) and fail on real regressions.
 MIN_ACCURACY, MIN_KAPPA = 0.88, 0.76
-# Generated cases (69 real responses of notebook 06's arms on the development split, labelled by hand): accuracy
-# 0.826, kappa 0.458, every miss a false positive (see the README). Floors just under them: a regression fails.
+# Generated cases, round 1 (69 real responses of notebook 06's arms on the development split, labelled by hand):
+# accuracy 0.826, kappa 0.458, every miss a false positive (see the README). Floors just under them: a regression
+# fails. Round 2 (102 responses, 83 of them judge positives of the class-contrastive, paper and difference-of-means
+# arms, labelled by hand): accuracy 0.382, the judge's precision 29 of 83.
 MIN_GENERATED_ACCURACY, MIN_GENERATED_KAPPA = 0.80, 0.40
+MIN_ROUND2_ACCURACY, MIN_ROUND2_PRECISION = 0.35, 0.30
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def judge():
 @pytest.fixture(scope="module")
 def cases() -> pd.DataFrame:
     """The hand-labelled cases, one row each."""
-    return pd.DataFrame([json.loads(line) for line in CASES.read_text(encoding="utf-8").splitlines() if line.strip()])
+    return load_cases()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,10 @@ def judged(judge, cases) -> pd.DataFrame:
 
 def test_cases_file_is_well_formed(cases):
     assert set(cases.columns) >= {"concept_class", "concept", "question", "response", "label", "kind", "split",
-                                  "source"}
+                                  "source", "round"}
+    second = cases[cases["round"] == 2]  # the re-validation on the class-contrastive protocol's responses
+    assert len(second) >= 80 and set(second.concept_class) == set(data.CLASSES) and second.label.mean() >= 0.3
+    assert (second.source == "generated").all() and set(second.split) == {"dev", "test"}
     assert not cases.duplicated(["concept", "response"]).any() and set(cases.split) == {"dev", "test"}
     questions = data.load_questions()
     for row in cases.itertuples():
@@ -158,6 +163,20 @@ def test_agreement_with_hand_labels(judged):
 def test_agreement_with_hand_labelled_generations(judged):
     """Real responses of the protocol study, reported apart from the written cases; the floors sit just under the
     measured values (see the README), so a judge change that loses several of them fails."""
-    generated = judged[judged.source == "generated"]
+    generated = judged[(judged.source == "generated") & (judged["round"] == 1)]
     result = agreement(generated.label, generated.score)
     assert result["accuracy"] >= MIN_GENERATED_ACCURACY and result["kappa"] >= MIN_GENERATED_KAPPA, result
+    second = judged[judged["round"] == 2]
+    assert agreement(second.label, second.score)["accuracy"] >= MIN_ROUND2_ACCURACY
+    assert second[second.score == 1].label.mean() >= MIN_ROUND2_PRECISION
+
+
+def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
+    scored = pd.DataFrame({"setting": ["a", "a", "a", "b"], "concept": ["X", "X", "Y", "X"],
+                           "response": ["on", "off", "unlabelled", "on"], "score": [1, 1, 1, 0]})
+    cases = pd.DataFrame({"concept": ["X", "X", "Y"], "response": ["on", "off", "other"], "label": [1, 0, 1]})
+    confirmed = confirmed_scores(scored, cases)
+    assert list(confirmed.score) == [1, 0, 0, 0] and list(confirmed.judge_score) == [1, 1, 1, 0]
+    assert confirmed.human.isna().tolist() == [False, False, True, False]
+    table = confirmation_table(confirmed).set_index("setting")
+    assert table.loc["a"].tolist() == [3, 2, 1, 0.5] and "b" not in table.index

@@ -333,3 +333,27 @@ def test_layer_selection_key_is_the_same_with_or_without_explicit_enrichment_def
         with pytest.raises(StopIteration):
             pipeline.run_layer_selection(*args, **kwargs)
     assert keys[0] == keys[1] != keys[2]  # notebook 05 (no kwargs) reuses notebook 03's entries (all four given)
+
+
+def test_stratified_subsample_keeps_the_share_of_positives_and_is_seeded():
+    is_positive = torch.arange(100) < 20
+    keep = vectors.stratified_subsample(is_positive, 50, seed=3)
+    assert len(keep) == 50 and len(set(keep.tolist())) == 50 and (keep.diff() > 0).all()
+    assert is_positive[keep].sum() == 10
+    torch.testing.assert_close(keep, vectors.stratified_subsample(is_positive, 50, seed=3))
+    assert not torch.equal(keep, vectors.stratified_subsample(is_positive, 50, seed=4))
+    rare = torch.arange(100) < 1
+    assert rare[vectors.stratified_subsample(rare, 10)].sum() == 1  # at least one of each kind
+
+
+def test_rfm_above_the_cap_fits_the_stratified_subsample_and_below_it_changes_nothing():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, 8, generator=generator)
+    y = (torch.arange(60) < 20).float()[:, None].expand(60, 2).clone()
+    X[:20] += 1.0  # the positives sit apart along every axis
+    uncapped, _ = vectors.fit_rfm(X, y, iters=2, max_examples=None)
+    torch.testing.assert_close(vectors.fit_rfm(X, y, iters=2, max_examples=60)[0], uncapped)
+    keep = vectors.stratified_subsample(y[:, 0] > 0, 30, seed=0)
+    capped, _ = vectors.fit_rfm(X, y, iters=2, max_examples=30)
+    torch.testing.assert_close(capped, vectors.fit_rfm(X[keep], y[keep], iters=2, max_examples=None)[0])
+    assert not torch.allclose(capped, uncapped)

@@ -11,7 +11,7 @@ import torch
 
 from steer_utils import cache, data, models, paths, pipeline, steering, study, vectors
 from steer_utils.extraction import find_blocks
-from steer_utils.protocol import ADOPTED, PAPER, Protocol, resolve_protocol
+from steer_utils.protocol import ADOPTED, PAPER, Protocol, output_variant, resolve_protocol
 
 STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
               "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
@@ -275,3 +275,11 @@ def test_layer_selection_runs_under_a_protocol_and_rejects_one_that_picks_blocks
                                                protocol=Protocol(contrast=2), **run)
     assert len(list((tmp_cache / "layers" / "tiny").glob("*.enrichment.csv"))) == 2  # one cache entry each
     assert list(paper.setting) == list(contrast.setting)
+
+
+def test_a_run_off_the_adopted_protocol_writes_to_its_own_subfolder(tmp_path, monkeypatch):
+    assert output_variant(ADOPTED) == "" and output_variant(PAPER) == "protocol-paper"
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
+    assert paths.results_dir("smollm2-135m") == tmp_path / "smollm2-135m"
+    assert paths.results_dir("smollm2-135m", variant=output_variant(PAPER)) == tmp_path / "smollm2-135m" / "protocol-paper"
+    assert paths.results_dir("m", 1, 2, "protocol-paper") == tmp_path / "m" / "protocol-paper" / "shards" / "1-of-2"
