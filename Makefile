@@ -12,6 +12,9 @@ MODELS ?= smollm2-135m gemma3-270m
 PROFILE ?= default
 # Model precision of notebooks 01-03 and 05: auto = float32 on every CPU (the committed results), bfloat16 on CUDA.
 DTYPE ?= auto
+# Steering protocol of notebooks 01-03 and 05 (empty: the one notebook 06 chose, protocol.ADOPTED; `paper`: the
+# paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/.
+PROTOCOL ?=
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 # Sharding (see steer_utils/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
@@ -42,6 +45,9 @@ SHARD_GUARD = grep -qE '\bnum_shards *=' notebooks/$@.ipynb || \
 comma := ,
 # `-p dtype DTYPE` for the notebooks that load a model (those with a `dtype` parameter).
 DTYPE_ARG = $(if $(shell grep -lE '"dtype *=' notebooks/$(1).ipynb),-p dtype $(DTYPE))
+# `-p steering_protocol PROTOCOL` for the notebooks with that parameter, when PROTOCOL is set.
+PROTOCOL_ARG = $(if $(strip $(PROTOCOL)),$(if $(shell grep -lE '"steering_protocol *=' notebooks/$(1).ipynb), -p steering_protocol '$(PROTOCOL)'))
+RUN_SUFFIX := $(if $(strip $(PROTOCOL)),-protocol-$(strip $(PROTOCOL)))
 
 ifeq ($(filter $(DTYPE),auto float32 bfloat16 float16),)
 $(error DTYPE=$(DTYPE) is not a precision; use auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16)
@@ -60,7 +66,7 @@ endif
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
-	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA)"
+	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA) [PROTOCOL=paper] (01-03, 05)"
 	@echo "       [SHARD_INDEX=0 NUM_SHARDS=4] (one shard of a notebook) [NOTEBOOK=01_token_selection] (merge)"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  \1\t\2/' | expand -t 24
 	@echo "  one notebook:         $(NB_NAMES)"
@@ -85,7 +91,7 @@ $(PER_MODEL): %: $(STAMP)
 		mkdir -p runs/$$slug$(if $(SHARDED),/shards); \
 		echo "== $@ [$$m, $(PROFILE)$(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))] -> runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb"; \
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
+			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call PROTOCOL_ARG,$@)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
 	done
 
 $(CROSS_MODEL): %: $(STAMP)

@@ -370,6 +370,8 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
     """Wall time of each executed notebook in runs/<model>/ (papermill's record of the last `make all`)."""
     times = {}
     for path in sorted((ROOT / "runs" / model_slug(name)).glob("[0-9][0-9]_*.ipynb")):
+        if "-protocol-" in path.stem:
+            continue  # a run off the adopted protocol (make PROTOCOL=...), not part of `make all`
         meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
         if meta.get("duration") is not None:
             times[path.stem] = meta["duration"] / 60

@@ -30,6 +30,7 @@ def test_notebook_times_read_papermill_metadata(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     meta = {"papermill": {"duration": 90.0, "parameters": {"profile": "default"}, "end_time": "2026-11-21T09:00"}}
     (folder / "01_token_selection.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
+    (folder / "01_token_selection-protocol-paper.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     table = bench.Table()
     assert bench.notebook_times(table, "some-model") == {"01_token_selection": 1.5}
