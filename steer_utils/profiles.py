@@ -93,6 +93,16 @@ def _block_sets() -> tuple[str, ...]:
     return OURS_CANDIDATES
 
 
+def _is_protocol(value) -> bool:
+    from .protocol import resolve_protocol  # imports torch: only when a notebook has a `steering_protocol` parameter
+
+    try:
+        resolve_protocol(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 _NUMBER_HINT = " (a number, not a string: no -r, no quotes in -y)"
 _LIST_HINT = " (lists need -y: -p passes a number or a string)"
 
@@ -131,6 +141,8 @@ PARAMETERS = {
              "-p null scattered", ""),
     "block_set": (lambda: f"one of auto, {', '.join(_block_sets())}",
                   lambda v: isinstance(v, str) and (v == "auto" or v in _block_sets()), "-p block_set auto", ""),
+    "steering_protocol": ("None (notebook 06's choice), 'paper', or fields such as 'contrast=3,positions=answer' "
+                          "(see protocol.py)", _is_protocol, "-p steering_protocol paper (make: PROTOCOL=paper)", ""),
     "concepts": ("None (the seeded sample), a file path, or a non-empty list of 'class/name' strings",
                  lambda v: v is None or (isinstance(v, str) and bool(v.strip()))
                  or _list_of(lambda c: isinstance(c, str) and bool(c.strip()))(v),

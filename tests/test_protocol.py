@@ -251,7 +251,7 @@ def test_steering_strip_orders_coefficients_and_names_missing_concepts(tmp_path)
 
 
 def test_adopted_protocol_is_the_protocol_of_notebook_06s_choice():
-    choice = pd.read_csv(paths.results_dir("smollm2-135m") / "06_choice.csv")
+    choice = pd.read_csv(paths.ROOT / "results" / "smollm2-135m" / "06_choice.csv")  # the committed decision
     chosen = choice.sort_values("rank").arm.iloc[0]
     assert {arm.name: arm.protocol for arm in study.ARMS}[chosen] == ADOPTED != PAPER
 
