@@ -48,6 +48,8 @@ DTYPE_ARG = $(if $(shell grep -lE '"dtype *=' notebooks/$(1).ipynb),-p dtype $(D
 # `-p steering_protocol PROTOCOL` for the notebooks with that parameter, when PROTOCOL is set.
 PROTOCOL_ARG = $(if $(strip $(PROTOCOL)),$(if $(shell grep -lE '"steering_protocol *=' notebooks/$(1).ipynb), -p steering_protocol '$(PROTOCOL)'))
 RUN_SUFFIX := $(if $(strip $(PROTOCOL)),-protocol-$(strip $(PROTOCOL)))
+# `--protocol PROTOCOL` for the shard checks of `make merge`, so they read the protocol's results folder.
+PROTOCOL_OPT = $(if $(strip $(PROTOCOL)), --protocol '$(strip $(PROTOCOL))')
 
 ifeq ($(filter $(DTYPE),auto float32 bfloat16 float16),)
 $(error DTYPE=$(DTYPE) is not a precision; use auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16)
@@ -104,12 +106,12 @@ $(CROSS_MODEL): %: $(STAMP)
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
 	@for m in $(MODELS); do \
 		slug=$$(printf '%s' "$$m" | sed -E 's#/+$$##; s#/#--#g; s#^[.-]+##'); \
-		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE); \
+		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE)$(PROTOCOL_OPT); \
 		mkdir -p runs/$$slug; \
-		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK).ipynb"; \
+		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb"; \
 		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK)); \
-		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS); \
+			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
+		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*

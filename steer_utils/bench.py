@@ -121,11 +121,9 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     statements = data.load_statements(n=max(counts))
     questions = data.load_questions()[CONCEPT[0]][:5]
     n_blocks = len(find_blocks(model))
-    others = data.neighbour_concepts(*CONCEPT, ADOPTED.contrast)
     extract_s, fit_s, test_s, examples = [], [], [], []
     for n in counts:
-        prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, statements[:n])
-        contrast = [p for other in others for p in data.paired_prompts(tokenizer, CONCEPT[0], other, statements[:n])[0]]
+        prefixed, plain, contrast = pipeline.training_prompts(tokenizer, *CONCEPT, statements[:n], ADOPTED)
         n_tail, pad = len(data.shared_tail(prefixed + plain + contrast)), tokenizer.pad_token_id
         start = time.perf_counter()
         pre = extract(model, prefixed, n_tail, pad, keep_user_attention=True)

@@ -338,3 +338,29 @@ def confirmation_table(confirmed: pd.DataFrame) -> pd.DataFrame:
     table["precision"] = table.confirmed / table.labelled.where(table.labelled > 0)
     return table.reset_index()
 
+
+
+def judge_cases(judge: EmbeddingJudge | OpenAIJudge, cases: pd.DataFrame) -> pd.DataFrame:
+    """`cases` with the judge's table columns (score, reason, ...), scored one concept class at a time."""
+    parts = []
+    for concept_class, group in cases.groupby("concept_class", sort=False):
+        table = judge.score_table(concept_class, group.concept.tolist(), group.question.tolist(), group.response.tolist())
+        parts.append(table.drop(columns=["concept", "response"]).set_index(group.index))
+    return cases.join(pd.concat(parts))
+
+
+def validation_table(judged: pd.DataFrame) -> pd.DataFrame:
+    """Agreement of `score` with the hand `label` per (round, source, split) and per round: n, accuracy, Cohen's
+    kappa, the judge's precision (on-concept share of its positives), false positives and false negatives."""
+    def row(part: pd.DataFrame) -> dict:
+        positives = part[part.score == 1]
+        return {**agreement(part.label, part.score),
+                "precision": float(positives.label.mean()) if len(positives) else float("nan"),
+                "false_positives": int(((part.score == 1) & (part.label == 0)).sum()),
+                "false_negatives": int(((part.score == 0) & (part.label == 1)).sum())}
+
+    rows = [{"round": r, "source": s, "split": split, **row(part)}
+            for (r, s, split), part in judged.groupby(["round", "source", "split"])]
+    rows += [{"round": r, "source": "+".join(sorted(part.source.unique())), "split": "all", **row(part)}
+             for r, part in judged.groupby("round")]
+    return pd.DataFrame(rows).sort_values(["round", "source", "split"], ignore_index=True)

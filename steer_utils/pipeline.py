@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -65,14 +65,22 @@ class ConceptActivations:
     contrast: Activations | None = None  # (k n, ...) prefixed prompts of k other concepts of the class; None: k = 0
 
 
+def training_prompts(tokenizer, concept_class: str, concept: str, statements: list[str],
+                     protocol: Protocol = ADOPTED) -> tuple[list, list, list]:
+    """(prefixed, unprefixed, contrast) EncodedPrompts a concept's vector is trained on under `protocol`: the paired
+    prompts with its system prompt, and the prefixed prompts of its `protocol.contrast` neighbour concepts."""
+    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements, protocol.system)
+    contrast = [p for other in data.neighbour_concepts(concept_class, concept, protocol.contrast) if protocol.contrast
+                for p in data.paired_prompts(tokenizer, concept_class, other, statements, protocol.system)[0]]
+    return prefixed, plain, contrast
+
+
 def concept_activations(model, tokenizer, model_key: str, concept_class: str, concept: str,
                         statements: list[str], batch_size: int = 16, cached: bool = True,
                         protocol: Protocol = ADOPTED) -> ConceptActivations:
     """Extract the activations of the paired prompts of one concept (from the disk cache unless `cached=False`),
     with the protocol's system prompt, and of its contrast concepts' prefixed prompts when `protocol.contrast`."""
-    prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements, protocol.system)
-    others = [p for other in data.neighbour_concepts(concept_class, concept, protocol.contrast) if protocol.contrast
-              for p in data.paired_prompts(tokenizer, concept_class, other, statements, protocol.system)[0]]
+    prefixed, plain, others = training_prompts(tokenizer, concept_class, concept, statements, protocol)
     tail_ids = data.shared_tail(prefixed + plain + others)
     n_tail, pad = len(tail_ids), tokenizer.pad_token_id
 
@@ -146,8 +154,7 @@ def generation_keys(model, model_name: str, concept_class: str, concept: str, st
     blocks = protocol.steered_blocks(len(steering.find_blocks(model)))[0] if blocks is None else list(blocks)
     common = _run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
                          max_new_tokens, seed) | dict(blocks=blocks)
-    if protocol.changes():
-        common["protocol"] = protocol.changes()
+    common |= protocol.key_inputs()
     return {s.name: cache_key("generations", PIPELINE_VERSION, setting=s.name, **common) for s in settings}
 
 
@@ -277,9 +284,11 @@ def concept_enrichment(acts: ConceptActivations, null: str = "scattered", n_draw
 
 def enrichment_tables(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
                       batch_size: int = 16, protocol: Protocol = ADOPTED, **kwargs) -> pd.DataFrame:
-    """`concept_enrichment` for every concept of a sample (activations come from the extraction cache)."""
+    """`concept_enrichment` for every concept of a sample (activations come from the extraction cache). The test
+    reads only the prefixed prompts (under the protocol's system prompt), so no contrast concept is extracted."""
+    prefixed_only = replace(protocol, contrast=0)
     tables = [concept_enrichment(concept_activations(model, tokenizer, model_name, row.concept_class, row.concept,
-                                                     statements, batch_size, protocol=protocol), **kwargs)
+                                                     statements, batch_size, protocol=prefixed_only), **kwargs)
               for row in tqdm(list(sample.itertuples()), desc="enrichment")]
     return pd.concat(tables, ignore_index=True)
 
@@ -337,7 +346,7 @@ def run_layer_selection(model, tokenizer, model_name: str, concept_class: str, c
     key = cache_key("layers", PIPELINE_VERSION, setting=setting, fractions=list(fractions), n_random=n_random,
                     **_run_inputs(model, model_name, concept_class, concept, statements, questions, coefficients,
                                   max_new_tokens, seed), **enrichment_kwargs,
-                    **({"protocol": protocol.changes()} if protocol.changes() else {}))
+                    **protocol.key_inputs())
     folder = CACHE_DIR / "layers" / model_slug(model_name)
     gen_path, enrich_path = folder / f"{key}.csv", folder / f"{key}.enrichment.csv"
     if not gen_path.exists():

@@ -54,6 +54,10 @@ class Protocol:
         """The fields that differ from the paper's protocol (empty for `PAPER`, so its cache keys stay as before)."""
         return {k: v for k, v in asdict(self).items() if v != getattr(PAPER, k)}
 
+    def key_inputs(self) -> dict:
+        """What a cache key of work done under this protocol adds: {'protocol': changes}, nothing for `PAPER`."""
+        return {"protocol": self.changes()} if self.changes() else {}
+
     @property
     def name(self) -> str:
         """'paper', or the changed fields, e.g. 'contrast=3,scaling=mean_norm'."""

@@ -60,12 +60,27 @@ def write_manifest(out_dir: Path, notebook: str, model: str, shard_index: int, n
     return path
 
 
-def _shard_dir(root: Path, model: str, shard_index: int, num_shards: int) -> Path:
-    return Path(root) / paths.model_slug(model) / "shards" / paths.shard_name(shard_index, num_shards)
+def _variant(protocol: str | None) -> str:
+    """The results subfolder of a run under the `steering_protocol` named `protocol` ('' for the adopted one)."""
+    if protocol is None:
+        return ""
+    from .protocol import output_variant, resolve_protocol  # imports torch: only for a run off the default
+
+    return output_variant(resolve_protocol(protocol))
 
 
-def _make_command(notebook: str, model: str, shard_index: int, num_shards: int, profile: str | None) -> str:
+def _merged_dir(root: Path, model: str, protocol: str | None) -> Path:
+    return Path(root) / paths.model_slug(model) / _variant(protocol)
+
+
+def _shard_dir(root: Path, model: str, shard_index: int, num_shards: int, protocol: str | None = None) -> Path:
+    return _merged_dir(root, model, protocol) / "shards" / paths.shard_name(shard_index, num_shards)
+
+
+def _make_command(notebook: str, model: str, shard_index: int, num_shards: int, profile: str | None,
+                  protocol: str | None = None) -> str:
     extra = f" PROFILE={shlex.quote(str(profile))}" if profile is not None else ""
+    extra += f" PROTOCOL={shlex.quote(protocol)}" if protocol is not None else ""
     return (f"make {notebook} MODELS={shlex.quote(model)} SHARD_INDEX={shard_index} "
             f"NUM_SHARDS={num_shards}{extra}")
 
@@ -87,12 +102,13 @@ def _differing_parameters(manifests: list[dict]) -> list[str]:
 
 
 def check_shards(model: str, notebook: str, num_shards: int, results_root: Path | None = None,
-                 profile: str | None = None) -> list[dict]:
+                 profile: str | None = None, protocol: str | None = None) -> list[dict]:
     """The manifests of shards 0..n-1 of `notebook`, or one ValueError saying what is wrong and what to run.
 
     Refuses missing shards, manifests that disagree with their folder, shards run with different
     parameters (or with a `profile` other than the given one) or samples, overlapping shards and
-    shards that together miss concepts of the sample.
+    shards that together miss concepts of the sample. `protocol`: the `steering_protocol` the shards ran under
+    (None: the adopted one), which decides their results folder (`protocol.output_variant`).
     """
     notebook, root = _notebook_name(notebook), Path(results_root or paths.RESULTS_DIR)
     what = f"{notebook} for {model}"
@@ -101,20 +117,20 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
                          "pass the NUM_SHARDS the shards were run with.")
     manifests: dict[int, dict] = {}
     for i in range(num_shards):
-        path = _shard_dir(root, model, i, num_shards) / f"{notebook}.shard.json"
+        path = _shard_dir(root, model, i, num_shards, protocol) / f"{notebook}.shard.json"
         if path.is_file():
             try:
                 manifests[i] = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"Manifest {path} is unreadable ({err}); rerun shard {i}: "
-                                 f"{_make_command(notebook, model, i, num_shards, profile)}") from None
+                                 f"{_make_command(notebook, model, i, num_shards, profile, protocol)}") from None
     missing = [i for i in range(num_shards) if i not in manifests]
     if missing:
         known = profile or next((_profile_of(m) for m in manifests.values()), None)
-        commands = "\n".join(f"  {_make_command(notebook, model, i, num_shards, known)}" for i in missing)
+        commands = "\n".join(f"  {_make_command(notebook, model, i, num_shards, known, protocol)}" for i in missing)
         raise ValueError(
             f"Cannot merge {what}: {len(missing)} of {num_shards} shards are missing "
-            f"(no {notebook}.shard.json under {root / paths.model_slug(model) / 'shards'}/<i>-of-{num_shards}/): "
+            f"(no {notebook}.shard.json under {_merged_dir(root, model, protocol) / 'shards'}/<i>-of-{num_shards}/): "
             f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}. Run them first:\n{commands}")
     ordered = [manifests[i] for i in range(num_shards)]
     for i, m in enumerate(ordered):
@@ -123,7 +139,7 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
         if wrong:
             raise ValueError(f"The manifest of shard {paths.shard_name(i, num_shards)} of {what} does not match "
                              f"its folder: {', '.join(wrong)}; it was copied from elsewhere. Rerun the shard: "
-                             f"{_make_command(notebook, model, i, num_shards, profile)}")
+                             f"{_make_command(notebook, model, i, num_shards, profile, protocol)}")
     differing = _differing_parameters(ordered)
     if differing:
         raise ValueError(f"The shards of {what} ran with different parameters:\n  " + "\n  ".join(differing)
@@ -160,7 +176,7 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
         raise ValueError(f"The shards of {what} are incomplete: {len(lacking)} of {len(sample)} concepts are in "
                          f"no shard ({listed}); they belong to shard{'s' if len(due) > 1 else ''} "
                          f"{', '.join(map(str, due))}. Rerun "
-                         + "; ".join(_make_command(notebook, model, i, num_shards, ran_with) for i in due))
+                         + "; ".join(_make_command(notebook, model, i, num_shards, ran_with, protocol) for i in due))
     return ordered
 
 
@@ -203,7 +219,8 @@ def _keys(frame: pd.DataFrame) -> pd.Series:
     return frame.concept
 
 
-def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path | None = None) -> int:
+def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path | None = None,
+                  protocol: str | None = None) -> int:
     """Check the merged per-concept tables in `results/<model>/` against every shard's; the rows verified.
 
     Tables are the notebook's `<NN>_*.csv` files with a `concept` column found in every shard. A table
@@ -212,9 +229,9 @@ def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path
     compared on the concepts it shares with each shard. Raises a ValueError naming what differs.
     """
     notebook, root = _notebook_name(notebook), Path(results_root or paths.RESULTS_DIR)
-    profile = _profile_of(check_shards(model, notebook, num_shards, root)[0])
-    merged_dir = root / paths.model_slug(model)
-    dirs = [_shard_dir(root, model, i, num_shards) for i in range(num_shards)]
+    profile = _profile_of(check_shards(model, notebook, num_shards, root, protocol=protocol)[0])
+    merged_dir = _merged_dir(root, model, protocol)
+    dirs = [_shard_dir(root, model, i, num_shards, protocol) for i in range(num_shards)]
     prefix = notebook.split("_")[0] + "_"
     names = sorted(p.name for p in dirs[0].glob(f"{prefix}*.csv")
                    if all((d / p.name).is_file() for d in dirs)
@@ -237,7 +254,7 @@ def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path
                              f"{len(union - merged_keys)} only in shards): the merge ran with other parameters "
                              "than the shards; rerun make merge with the shards' PROFILE and parameters.")
         for i, shard in enumerate(tables):
-            rerun = _make_command(notebook, model, i, num_shards, profile)
+            rerun = _make_command(notebook, model, i, num_shards, profile, protocol)
             if list(shard.columns) != list(merged.columns):
                 raise ValueError(f"{name} of shard {paths.shard_name(i, num_shards)} has columns "
                                  f"{list(shard.columns)}, the merged one {list(merged.columns)}: the shard ran "
@@ -263,14 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebook", required=True, help="e.g. 01_token_selection")
     parser.add_argument("--num-shards", type=int, required=True)
     parser.add_argument("--profile", help="check: the profile the merge run will use (must be the shards')")
+    parser.add_argument("--protocol", help="the steering_protocol the shards ran under (make's PROTOCOL); "
+                                           "default: the adopted one")
     args = parser.parse_args(argv)
     try:
         if args.action == "check":
-            manifests = check_shards(args.model, args.notebook, args.num_shards, profile=args.profile)
+            manifests = check_shards(args.model, args.notebook, args.num_shards, profile=args.profile,
+                                     protocol=args.protocol)
             print(f"{args.num_shards} shards of {_notebook_name(args.notebook)} for {args.model}: complete and "
                   f"disjoint ({len(manifests[0]['sample'])} concepts).")
         else:
-            rows = verify_merged(args.model, args.notebook, args.num_shards)
+            rows = verify_merged(args.model, args.notebook, args.num_shards, protocol=args.protocol)
             print(f"Merged {_notebook_name(args.notebook)} for {args.model} matches its {args.num_shards} shards "
                   f"({rows} rows verified).")
     except ValueError as err:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from steer_utils import data
-from steer_utils.judge import NON_ANSWER, agreement, confirmation_table, confirmed_scores, load_cases, load_judge
+from steer_utils.judge import (NON_ANSWER, agreement, confirmation_table, confirmed_scores, judge_cases, load_cases,
+                               load_judge, validation_table)
 
 KINDS = {"positive", "paraphrase", "other-concept", "antonym", "generic", "repetition", "gibberish", "non-answer"}
 GENERATED_KINDS = KINDS | {"nonsense"}  # confident-looking text that is about nothing (e.g. "The Shadow of Zephyra")
@@ -24,6 +25,10 @@ MIN_ACCURACY, MIN_KAPPA = 0.88, 0.76
 # arms, labelled by hand): accuracy 0.382, the judge's precision 29 of 83.
 MIN_GENERATED_ACCURACY, MIN_GENERATED_KAPPA = 0.80, 0.40
 MIN_ROUND2_ACCURACY, MIN_ROUND2_PRECISION = 0.35, 0.30
+# Round 3 (80 responses of notebook 01's attention-soft-rfm on the adopted protocol, SmolLM2, default profile; per
+# class a seeded sample of 12 judge positives and 4 negatives, labelled by hand): precision 24 of 60 (personas 0 of
+# 12, moods 9 of 12), no false negative among the 20.
+MIN_ROUND3_PRECISION = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +46,7 @@ def cases() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def judged(judge, cases) -> pd.DataFrame:
     """`cases` with the judge's table columns, scored one class at a time."""
-    parts = []
-    for cls, group in cases.groupby("concept_class", sort=False):
-        table = judge.score_table(cls, group.concept.tolist(), group.question.tolist(), group.response.tolist())
-        parts.append(table.drop(columns=["concept", "response"]).set_index(group.index))
-    return cases.join(pd.concat(parts))
+    return judge_cases(judge, cases)
 
 
 def test_cases_file_is_well_formed(cases):
@@ -169,6 +170,9 @@ def test_agreement_with_hand_labelled_generations(judged):
     second = judged[judged["round"] == 2]
     assert agreement(second.label, second.score)["accuracy"] >= MIN_ROUND2_ACCURACY
     assert second[second.score == 1].label.mean() >= MIN_ROUND2_PRECISION
+    third = judged[judged["round"] == 3]
+    assert len(third) == 80 and (third.groupby("concept_class").score.sum() == 12).all()
+    assert third[third.score == 1].label.mean() >= MIN_ROUND3_PRECISION and (third[third.score == 0].label == 0).all()
 
 
 def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
@@ -180,3 +184,14 @@ def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
     assert confirmed.human.isna().tolist() == [False, False, True, False]
     table = confirmation_table(confirmed).set_index("setting")
     assert table.loc["a"].tolist() == [3, 2, 1, 0.5] and "b" not in table.index
+
+
+def test_validation_table_counts_each_round_and_split():
+    judged = pd.DataFrame({"round": [1, 1, 1, 2, 2], "source": ["written"] * 3 + ["generated"] * 2,
+                           "split": ["dev", "dev", "test", "dev", "test"],
+                           "label": [1, 0, 1, 0, 1], "score": [1, 1, 1, 1, 0]})
+    table = validation_table(judged).set_index(["round", "split"])
+    assert table.loc[(1, "dev"), ["n", "accuracy", "precision", "false_positives"]].tolist() == [2, 0.5, 0.5, 1]
+    assert table.loc[(1, "all"), ["n", "false_negatives"]].tolist() == [3, 0] and table.loc[(1, "all"), "kappa"] == 0
+    assert table.loc[(2, "all"), ["accuracy", "precision", "false_positives", "false_negatives"]].tolist() == [0, 0, 1, 1]
+    assert table.loc[(2, "all"), "source"] == "generated"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, models, paths, pipeline, steering, study, vectors
+from steer_utils import cache, data, extraction, models, paths, pipeline, steering, study, vectors
 from steer_utils.extraction import find_blocks
 from steer_utils.protocol import ADOPTED, PAPER, Protocol, output_variant, resolve_protocol
 
@@ -127,6 +127,19 @@ def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_ca
         pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, protocol=PAPER),
         pipeline.Setting.parse("attention-soft-rfm"))
     torch.testing.assert_close(features[:2 * n], plain, atol=1e-5, rtol=1e-5)  # the paper's rows come first
+
+
+def test_enrichment_extracts_no_contrast_concept_and_equals_the_papers(tiny, tmp_cache, monkeypatch):
+    model, tokenizer, _ = tiny
+    sample = pd.DataFrame({"concept_class": ["moods"], "concept": ["Cheerful"]})
+    paper = pipeline.enrichment_tables(model, tokenizer, "tiny", sample, STATEMENTS, protocol=PAPER, n_draws=20)
+    extracted = []
+    monkeypatch.setattr(pipeline, "extract_cached", lambda m, k, prompts, *a, **kw: extracted.append(prompts) or
+                        extraction.extract(m, prompts, *a[:2], **kw))
+    contrast = pipeline.enrichment_tables(model, tokenizer, "tiny", sample, STATEMENTS, protocol=Protocol(contrast=2),
+                                          n_draws=20)
+    assert len(extracted) == 2 and all(len(p) == len(STATEMENTS) for p in extracted)  # prefixed and unprefixed
+    pd.testing.assert_frame_equal(paper, contrast)
 
 
 def test_paper_protocol_keeps_its_cache_keys_and_others_get_their_own(tiny):

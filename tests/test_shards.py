@@ -163,3 +163,23 @@ def test_cli_reports_a_missing_shard(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path / "other")
     assert shards.main(["check", "--model", MODEL, "--notebook", NB, "--num-shards", "3"]) == 0
     assert "complete and disjoint (10 concepts)" in capsys.readouterr().out
+
+
+def test_shards_off_the_adopted_protocol_are_read_from_its_results_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
+    merged = write_shards(tmp_path, skip=(1,))
+    variant = tmp_path / paths.model_slug(MODEL) / "protocol-paper"
+    variant.mkdir()
+    (tmp_path / paths.model_slug(MODEL) / "shards").rename(variant / "shards")
+    with pytest.raises(ValueError, match="3 of 3 shards are missing") as err:
+        shards.check_shards(MODEL, NB, 3)  # the adopted protocol's folder holds no shard now
+    assert "PROTOCOL" not in str(err.value)
+    with pytest.raises(ValueError, match=r"1 of 3 shards are missing.*protocol-paper/shards") as err:
+        shards.check_shards(MODEL, NB, 3, protocol="paper")
+    assert "SHARD_INDEX=1 NUM_SHARDS=3 PROFILE=smoke PROTOCOL=paper" in str(err.value)
+    write_shards(tmp_path / "full")
+    (tmp_path / "full" / paths.model_slug(MODEL) / "shards").rename(variant / "shards-all")
+    (variant / "shards").rename(variant / "shards-partial")
+    (variant / "shards-all").rename(variant / "shards")
+    merged.to_csv(variant / "01_generations.csv", index=False)
+    assert shards.main(["verify", "--model", MODEL, "--notebook", NB, "--num-shards", "3", "--protocol", "paper"]) == 0
