@@ -138,8 +138,10 @@ def test_soft_label_gain_picks_the_hard_vs_soft_rows():
 
 
 def test_baseline_methods_reuse_pipeline_settings():
-    for setting in baselines.VECTOR_METHODS.values():
-        pipeline.Setting.parse(setting)  # raises on a bad name
+    settings = [pipeline.Setting.parse(name) for name in baselines.VECTOR_METHODS.values()]  # raises on a bad name
+    assert [s.name for s in settings] == list(baselines.VECTOR_METHODS.values())
+    assert {(s.selection, s.labels) for s in settings} == {("fixed", "hard")}  # the prior method's token and labels
+    assert {s.method for s in settings} == {"mean_difference", "rfm"}
 
 
 def test_responses_with_carriage_returns_survive_a_csv_round_trip(tmp_path):
