@@ -380,6 +380,51 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
     return times
 
 
+def loop_start(ids: list[int], repeats: int = 3, max_period: int = 16) -> tuple[int, int] | None:
+    """(t, p) for the first step t at which the last `repeats` × p tokens are one p-token cycle (p <= max_period):
+    where a decoder could stop a looping row and fill the rest by repeating the cycle; None if it never loops."""
+    for t in range(2, len(ids) + 1):
+        for p in range(1, max_period + 1):
+            if repeats * p <= t and all(ids[t - 1 - i] == ids[t - 1 - i - p] for i in range((repeats - 1) * p)):
+                return t, p
+    return None
+
+
+def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new_tokens: int = 50) -> None:
+    """What stopping looping rows would save, from notebook 01's committed responses (no generation): the share of
+    rows that loop before the token limit, how many decoding row-steps stopping them saves, how often filling the
+    rest with the cycle gives exactly the text the model generated and (with a `grader`) the same judge score."""
+    path = RESULTS_DIR / model_slug(name) / "01_generations.csv"
+    if not path.is_file():
+        return
+    rows = pd.read_csv(path, keep_default_na=False)
+    looped, exact, saved, changed = 0, 0, 0, []
+    for row in rows.itertuples():
+        ids = tokenizer(row.response, add_special_tokens=False).input_ids[:max_new_tokens]
+        start = loop_start(ids) if len(ids) == max_new_tokens else None  # rows that ended stop anyway
+        if start is None:
+            continue
+        t, p = start
+        filled = ids[:t] + [ids[t - p + i % p] for i in range(max_new_tokens - t)]
+        looped, saved = looped + 1, saved + max_new_tokens - t
+        exact += filled == ids
+        if filled != ids and grader is not None:
+            changed.append(row._replace(response=tokenizer.decode(filled)))
+    note = (f"{len(rows)} responses of results/{model_slug(name)}/01_generations.csv, re-tokenised; a loop: "
+            "3 repeats of a cycle of <= 16 tokens")
+    table.add("loop stopping", name, "rows that loop", 100 * looped / len(rows), "%", note)
+    table.add("loop stopping", name, "row-steps saved", 100 * saved / (max_new_tokens * len(rows)), "%",
+              note + f"; of {max_new_tokens} steps per row")
+    table.add("loop stopping", name, "cycle fill = generated text", 100 * exact / max(looped, 1), "%", note)
+    if grader is not None and looped:
+        changed = pd.DataFrame(changed)
+        same = sum(int((grader.score_table(cls, part.concept.tolist(), part.question.tolist(),
+                                           part.response.tolist()).score.to_numpy() == part.score.to_numpy()).sum())
+                   for cls, part in changed.groupby("concept_class")) if len(changed) else 0
+        table.add("loop stopping", name, "equal judge scores", 100 * (exact + same) / looped, "%",
+                  note + "; of the looping rows, the filled text scored by the judge")
+
+
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
     """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5
     questions, under the adopted protocol. A fit above the RFM's example cap costs what the measured capped fit did."""
@@ -412,6 +457,7 @@ def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, 
             grader = judge.load_judge("embedding")
         table.add("model", name, "dtype", 16 if "16" in info.dtype else 32, "bits", f"{info.dtype} on {info.device}")
         bench_extraction(table, name, model, tokenizer, reference_statements)
+        bench_loop_stopping(table, name, tokenizer, grader)
         costs = bench_stages(table, name, model, tokenizer, counts, grader)
         project_full(table, name, costs)
         if i == 0 and rss:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -23,6 +24,58 @@ def test_extraction_section_on_a_tiny_model(tiny_model_dir):
     frame = table.frame().set_index("quantity")
     assert {"reference loop", "ours, same prompts", "speed-up, same prompts", "achieved"} <= set(frame.index)
     assert (frame.value > 0).all() and set(frame.section) == {"extraction"}
+
+
+def test_loop_start_finds_the_first_step_a_cycle_repeats_three_times():
+    assert bench.loop_start([1, 2, 3, 4, 5, 6, 7]) is None
+    assert bench.loop_start([5, 1, 2, 1, 2, 1, 2, 9]) == (7, 2)
+    assert bench.loop_start([9, 9, 9, 9]) == (3, 1)
+    assert bench.loop_start([1, 2, 1, 2], repeats=2) == (4, 2)
+
+
+def test_loop_stopping_measures_saved_steps_and_exact_fills(tmp_path, monkeypatch):
+    class Chars:  # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [ord(c) for c in text]})()
+
+    folder = tmp_path / "some-model"
+    folder.mkdir()
+    responses = ["ab" * 25, "abcdefghij" * 5, "short", "xy" * 5 + "z" * 40]  # exact, exact, ended, diverges
+    pd.DataFrame({"response": responses}).to_csv(folder / "01_generations.csv", index=False)
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    table = bench.Table()
+    bench.bench_loop_stopping(table, "some-model", Chars())
+    values = table.frame().set_index("quantity").value
+    assert values["rows that loop"] == 75 and values["row-steps saved"] == pytest.approx(100 * (44 + 20 + 44) / 200)
+    assert values["cycle fill = generated text"] == pytest.approx(200 / 3)
+    bench.bench_loop_stopping(table, "no-such-model", Chars())  # no notebook 01 results: nothing measured
+    assert len(table.frame()) == 3
+
+
+def test_loop_stopping_rescores_the_filled_text_of_rows_that_diverge(tmp_path, monkeypatch):
+    class Chars:
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": [ord(c) for c in text]})()
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    class Grader:  # scores 1 for text holding a 'z'
+        def score_table(self, concept_class, concepts, questions, responses):
+            seen.extend(responses)
+            return pd.DataFrame({"score": [int("z" in r) for r in responses]})
+
+    seen = []
+    folder = tmp_path / "m"
+    folder.mkdir()
+    pd.DataFrame({"concept_class": "moods", "concept": "Calm", "question": "Q?", "score": [0, 1, 0],
+                  "response": ["ab" * 25, "xy" * 5 + "z" * 40, "pq" * 5 + "r" * 40]}).to_csv(
+        folder / "01_generations.csv", index=False)
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    table = bench.Table()
+    bench.bench_loop_stopping(table, "m", Chars(), Grader())
+    assert seen == ["xy" * 25, "pq" * 25]  # only the rows whose fill differs are rescored
+    assert table.frame().set_index("quantity").value["equal judge scores"] == pytest.approx(200 / 3)
 
 
 def test_notebook_times_read_papermill_metadata(tmp_path, monkeypatch):
