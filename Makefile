@@ -13,7 +13,7 @@ PROFILE ?= default
 # Model precision of notebooks 01-03 and 05: auto = float32 on every CPU (the committed results), bfloat16 on CUDA.
 DTYPE ?= auto
 # Steering protocol of notebooks 01-03 and 05 (empty: the one notebook 06 chose, protocol.ADOPTED; `paper`: the
-# paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/.
+# paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/, where 04 reads them.
 PROTOCOL ?=
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 # Sharding (see steer_utils/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
@@ -68,7 +68,7 @@ endif
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
-	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA) [PROTOCOL=paper] (01-03, 05)"
+	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA) [PROTOCOL=paper] (01-05)"
 	@echo "       [SHARD_INDEX=0 NUM_SHARDS=4] (one shard of a notebook) [NOTEBOOK=01_token_selection] (merge)"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  \1\t\2/' | expand -t 24
 	@echo "  one notebook:         $(NB_NAMES)"
@@ -99,9 +99,9 @@ $(PER_MODEL): %: $(STAMP)
 $(CROSS_MODEL): %: $(STAMP)
 	$(if $(SHARDED),$(error $@ compares models from their results and is not sharded; run it without NUM_SHARDS))
 	@mkdir -p runs
-	@echo "== $@ [$(MODELS)] -> runs/$@.ipynb"
-	$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar notebooks/$@.ipynb runs/$@.ipynb \
-		-y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"
+	@echo "== $@ [$(MODELS)] -> runs/$@$(RUN_SUFFIX).ipynb"
+	$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb \
+		-y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@)
 
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
 	@for m in $(MODELS); do \

@@ -16,24 +16,44 @@ from . import evaluation, paths
 PRIOR, OURS, HARD = "fixed-hard-rfm", "attention-soft-rfm", "attention-hard-rfm"
 
 
-def result_models(name: str = "01_steerability.csv", results_root: Path | None = None) -> list[str]:
-    """The model folders under results/ that hold `name`, sorted."""
+def result_models(name: str = "01_steerability.csv", results_root: Path | None = None, variant: str = "") -> list[str]:
+    """The model folders under results/ that hold `name` (in their `variant` subfolder, if given), sorted."""
     root = Path(results_root or paths.RESULTS_DIR)
-    return sorted(p.parent.name for p in root.glob(f"*/{name}"))
+    return sorted(p.parent.name for p in root.glob(f"*/{name}")) if not variant else \
+        sorted(p.parent.parent.name for p in root.glob(f"*/{variant}/{name}"))
 
 
-def collect(name: str, models: list[str] | None = None, results_root: Path | None = None) -> pd.DataFrame:
-    """One results table stacked over models, with a leading `model` column (the results folder name)."""
+def collect(name: str, models: list[str] | None = None, results_root: Path | None = None,
+            variant: str = "") -> pd.DataFrame:
+    """One results table stacked over models, with a leading `model` column (the results folder name); `variant`
+    (e.g. 'protocol-paper') reads `results/<model>/<variant>/` instead, as the notebooks write a run off the adopted
+    protocol."""
     root = Path(results_root or paths.RESULTS_DIR)
-    models = result_models(name, root) if models is None else [paths.model_slug(m) for m in models]
+    models = result_models(name, root, variant) if models is None else [paths.model_slug(m) for m in models]
+    where = f"<model>/{variant}/" if variant else "<model>/"
     if not models:
-        raise FileNotFoundError(f"No results/<model>/{name} under '{root}'; run `make all` (notebooks 00-03) first.")
-    missing = [m for m in models if not (root / m / name).is_file()]
+        raise FileNotFoundError(f"No results/{where}{name} under '{root}'; run `make all` (notebooks 00-03) first.")
+    folder = {m: root / m / variant if variant else root / m for m in models}
+    missing = [m for m in models if not (folder[m] / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"results/{missing[0]}/{name} is missing; run `make all MODELS={missing[0]}` first.")
-    frames = [pd.read_csv(root / m / name, keep_default_na=False).assign(model=m) for m in models]
+        raise FileNotFoundError(f"results/{where.replace('<model>', missing[0])}{name} is missing; run "
+                                f"`make all MODELS={missing[0]}` first.")
+    frames = [pd.read_csv(folder[m] / name, keep_default_na=False).assign(model=m) for m in models]
     table = pd.concat(frames, ignore_index=True)
     return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
+def check_training_protocol(generations: pd.DataFrame, protocol_name: str) -> None:
+    """Raise, naming the model, unless every model's notebook-01 vectors were trained under `protocol_name` (a
+    table without a `protocol` column, or with an empty one, was trained under 'paper')."""
+    found = generations["protocol"] if "protocol" in generations else pd.Series("", index=generations.index)
+    found = found.fillna("").replace("", "paper")
+    for model, names in found.groupby(generations.model, sort=False).unique().items():
+        other = [n for n in names if n != protocol_name]
+        if other:
+            raise ValueError(f"results/{model}/ holds notebook 01 trained under protocol '{other[0]}', not "
+                             f"'{protocol_name}'; rerun `make 01_token_selection MODELS={model}` under this protocol, or "
+                             f"compare that protocol's runs with `make 04_multi_model_scaling PROTOCOL={other[0]}`.")
 
 
 def model_overview(fits: pd.DataFrame, summary: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:

@@ -107,6 +107,29 @@ def test_collect_stacks_models_and_names_what_is_missing(tmp_path):
         scaling.collect("01_steerability.csv", results_root=tmp_path / "empty")
 
 
+def test_collect_reads_a_protocol_variant_and_checks_the_training_protocol(tmp_path):
+    results_tree(tmp_path, ["a-model", "b-model"])  # the adopted protocol's runs
+    for model in ("a-model", "b-model"):
+        results_tree(tmp_path / model, ["protocol-paper"])  # a run off it, in its subfolder
+    (tmp_path / "b-model" / "protocol-paper" / "03_enrichment.csv").unlink()
+    (tmp_path / "a-model" / "01_steerability.csv").unlink()
+    assert scaling.result_models(results_root=tmp_path) == ["b-model"]
+    assert scaling.result_models(results_root=tmp_path, variant="protocol-paper") == ["a-model", "b-model"]
+    table = scaling.collect("01_steerability.csv", results_root=tmp_path, variant="protocol-paper")
+    assert table.model.unique().tolist() == ["a-model", "b-model"] and len(table) == 6
+    with pytest.raises(FileNotFoundError, match="results/b-model/protocol-paper/03_enrichment.csv is missing"):
+        scaling.collect("03_enrichment.csv", ["a-model", "b-model"], results_root=tmp_path, variant="protocol-paper")
+
+    generations = pd.DataFrame({"model": ["a", "a", "b"], "protocol": ["contrast=3", "contrast=3", None]})
+    scaling.check_training_protocol(generations[generations.model == "a"], "contrast=3")
+    scaling.check_training_protocol(generations[generations.model == "b"], "paper")  # no protocol: the paper's
+    scaling.check_training_protocol(pd.DataFrame({"model": ["c"]}), "paper")
+    with pytest.raises(ValueError, match="results/b/ holds notebook 01 trained under protocol 'paper', not 'contrast=3'"):
+        scaling.check_training_protocol(generations, "contrast=3")
+    with pytest.raises(ValueError, match="PROTOCOL=contrast=3"):
+        scaling.check_training_protocol(generations, "paper")
+
+
 def test_depth_profile_bins_normalised_depth(tmp_path):
     results_tree(tmp_path, ["m"])
     profile = scaling.depth_profile(scaling.collect("03_enrichment.csv", results_root=tmp_path), n_bins=2)
