@@ -19,8 +19,7 @@ PRIOR, OURS, HARD = "fixed-hard-rfm", "attention-soft-rfm", "attention-hard-rfm"
 def result_models(name: str = "01_steerability.csv", results_root: Path | None = None, variant: str = "") -> list[str]:
     """The model folders under results/ that hold `name` (in their `variant` subfolder, if given), sorted."""
     root = Path(results_root or paths.RESULTS_DIR)
-    return sorted(p.parent.name for p in root.glob(f"*/{name}")) if not variant else \
-        sorted(p.parent.parent.name for p in root.glob(f"*/{variant}/{name}"))
+    return sorted(p.name for p in root.iterdir() if (p / variant / name).is_file()) if root.is_dir() else []
 
 
 def collect(name: str, models: list[str] | None = None, results_root: Path | None = None,
@@ -30,15 +29,14 @@ def collect(name: str, models: list[str] | None = None, results_root: Path | Non
     protocol."""
     root = Path(results_root or paths.RESULTS_DIR)
     models = result_models(name, root, variant) if models is None else [paths.model_slug(m) for m in models]
-    where = f"<model>/{variant}/" if variant else "<model>/"
     if not models:
-        raise FileNotFoundError(f"No results/{where}{name} under '{root}'; run `make all` (notebooks 00-03) first.")
-    folder = {m: root / m / variant if variant else root / m for m in models}
-    missing = [m for m in models if not (folder[m] / name).is_file()]
+        raise FileNotFoundError(f"No results/{Path('<model>', variant, name).as_posix()} under '{root}'; run "
+                                f"`make all` (notebooks 00-03) first.")
+    missing = [m for m in models if not (root / m / variant / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"results/{where.replace('<model>', missing[0])}{name} is missing; run "
+        raise FileNotFoundError(f"results/{Path(missing[0], variant, name).as_posix()} is missing; run "
                                 f"`make all MODELS={missing[0]}` first.")
-    frames = [pd.read_csv(folder[m] / name, keep_default_na=False).assign(model=m) for m in models]
+    frames = [pd.read_csv(root / m / variant / name, keep_default_na=False).assign(model=m) for m in models]
     table = pd.concat(frames, ignore_index=True)
     return table[["model", *[c for c in table.columns if c != "model"]]]
 
