@@ -51,6 +51,19 @@ RUN_SUFFIX := $(if $(strip $(PROTOCOL)),-protocol-$(strip $(PROTOCOL)))
 # `--protocol PROTOCOL` for the shard checks of `make merge`, so they read the protocol's results folder.
 PROTOCOL_OPT = $(if $(strip $(PROTOCOL)), --protocol '$(strip $(PROTOCOL))')
 
+PAPERMILL = $(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar
+# Stops a notebook before it starts when another notebook's results it reads are missing, naming the make command.
+CHECK_INPUTS = $(BIN)/python -m steer_utils.paths check-inputs
+# In a recipe's loop over MODELS: slug = the model's folder name under runs/ and results/ (as paths.model_slug).
+SLUG = slug=$$(printf '%s' "$$m" | sed -E 's\#/+$$\#\#; s\#/\#--\#g; s\#^[.-]+\#\#')
+# Where papermill writes the executed notebook: runs/<model>/<notebook>[-protocol-<name>].ipynb, or, for one
+# shard, runs/<model>/shards/<notebook>-<i>-of-<n>[...].ipynb.
+RUN_PATH = runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@)$(RUN_SUFFIX).ipynb
+SHARD_PARAMS := $(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS))
+SHARD_NOTE := $(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))
+# A shard needs NUM_SHARDS, and a notebook with a num_shards parameter.
+SHARD_CHECK = $(if $(SHARDED),@$(SHARD_GUARD),$(if $(filter-out 0,$(SHARD_INDEX)),$(error SHARD_INDEX=$(SHARD_INDEX) needs NUM_SHARDS too, e.g. NUM_SHARDS=4)))
+
 ifeq ($(filter $(DTYPE),auto float32 bfloat16 float16),)
 $(error DTYPE=$(DTYPE) is not a precision; use auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16)
 endif
@@ -64,7 +77,7 @@ $(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES)
 endif
 endif
 
-.PHONY: help install all merge bench test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
+.PHONY: help install all merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -83,41 +96,45 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
-all: $(NB_NAMES) ## Run every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS)
+all: $(NB_NAMES) report ## Run every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS), then `report`
 
 $(PER_MODEL): %: $(STAMP)
-	$(if $(SHARDED),,$(if $(filter-out 0,$(SHARD_INDEX)),$(error SHARD_INDEX=$(SHARD_INDEX) needs NUM_SHARDS too, e.g. NUM_SHARDS=4)))
-	$(if $(SHARDED),@$(SHARD_GUARD))
+	$(SHARD_CHECK)
+	@$(CHECK_INPUTS) $@ --models $(MODELS)$(PROTOCOL_OPT)
 	@for m in $(MODELS); do \
-		slug=$$(printf '%s' "$$m" | sed -E 's#/+$$##; s#/#--#g; s#^[.-]+##'); \
-		mkdir -p runs/$$slug$(if $(SHARDED),/shards); \
-		echo "== $@ [$$m, $(PROFILE)$(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))] -> runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@).ipynb"; \
-		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$@.ipynb runs/$$slug/$(if $(SHARDED),shards/$@-$(SHARD_INDEX)-of-$(NUM_SHARDS),$@)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call PROTOCOL_ARG,$@)$(if $(SHARDED), -p shard_index $(SHARD_INDEX) -p num_shards $(NUM_SHARDS)); \
+		$(SLUG); mkdir -p $(dir $(RUN_PATH)); \
+		echo "== $@ [$$m, $(PROFILE)$(SHARD_NOTE)] -> $(RUN_PATH)"; \
+		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS); \
 	done
 
 $(CROSS_MODEL): %: $(STAMP)
 	$(if $(SHARDED),$(error $@ compares models from their results and is not sharded; run it without NUM_SHARDS))
+	@$(CHECK_INPUTS) $@ --models $(MODELS)$(PROTOCOL_OPT)
 	@mkdir -p runs
 	@echo "== $@ [$(MODELS)] -> runs/$@$(RUN_SUFFIX).ipynb"
-	$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb \
-		-y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@)
+	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb -y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@)
 
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
 	@for m in $(MODELS); do \
-		slug=$$(printf '%s' "$$m" | sed -E 's#/+$$##; s#/#--#g; s#^[.-]+##'); \
+		$(SLUG); \
 		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE)$(PROTOCOL_OPT); \
 		mkdir -p runs/$$slug; \
 		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb"; \
-		$(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar \
-			notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
+		$(PAPERMILL) notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
 		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
 	$(BIN)/python -m steer_utils.bench --models $(BENCH_MODELS)
 
-test: test-unit test-notebooks ## Run the unit/integration tests, then nbval over the notebooks
+test: lint test-unit test-notebooks ## Run the linter, the unit/integration tests, then nbval over the notebooks
+
+lint: $(STAMP) ## ruff check and ruff format --check (configured in pyproject.toml)
+	$(BIN)/ruff check steer_utils tests notebooks
+	$(BIN)/ruff format --check steer_utils tests
+
+report: $(STAMP) ## Regenerate docs/results.md from the tables in results/
+	$(BIN)/python -m steer_utils.report
 
 test-unit: $(STAMP) ## pytest only (tests/)
 	STEER_RESULTS_DIR=$(TEST_OUT)/results STEER_FIGURES_DIR=$(TEST_OUT)/figures \

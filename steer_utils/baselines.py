@@ -10,6 +10,7 @@ Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); SADI's grid
 tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank (1 = best).
 Every (concept, method) is cached like notebook 01's generations.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,32 +18,39 @@ import time
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from . import data, paths, pipeline, profiles, sadi, steering
-from .cache import atomic_write, cache_key, cached_tensors
-from .paths import CACHE_DIR, model_slug
+from . import data, layers, paths, pipeline, profiles, sadi, steering
+from .cache import atomic_write, cache_key, cached_tensors, entry_path
 from .protocol import ADOPTED, Protocol
 
 BASELINES_VERSION = 1
 VECTOR_METHODS = {"mean-difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
 SADI_VARIANTS = {f"sadi-{site}-{where}": (site, where) for site in sadi.SITES for where in sadi.POSITIONS}
-METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
+COMPARED_METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
 OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 that `ours` may use
 
 
-def ours_block_set(model_name: str, block_set: str = "auto", protocol: str = "held_out",
-                   candidates: tuple[str, ...] = OURS_CANDIDATES, variant: str = "") -> str:
+def ours_block_set(
+    model_name: str,
+    block_set: str = "auto",
+    protocol: str = "held_out",
+    candidates: tuple[str, ...] = OURS_CANDIDATES,
+    variant: str = "",
+) -> str:
     """The block set `ours` steers: `block_set` itself, or ("auto") the candidate with the highest overall
     steerability in notebook 03's table for this model and steering protocol (`variant`; ties: the first listed)."""
     if block_set != "auto":
         if block_set not in candidates:
-            raise ValueError(f"Unknown block set '{block_set}' for ours; use 'auto' or one of: {', '.join(candidates)}.")
+            raise ValueError(
+                f"Unknown block set '{block_set}' for ours; use 'auto' or one of: {', '.join(candidates)}."
+            )
         return block_set
     path = paths.results_dir(model_name, variant=variant) / "03_steerability.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"'{path}' is missing; run notebook 03 for {model_name} first, or give block_set "
-                                f"as one of: {', '.join(candidates)}.")
+        raise FileNotFoundError(
+            f"'{path}' is missing; run notebook 03 for {model_name} first, or give block_set "
+            f"as one of: {', '.join(candidates)}."
+        )
     table = pd.read_csv(path)
     rows = table[(table.protocol == protocol) & (table.concept_class == "all")].set_index("setting")
     rows = rows.reindex([c for c in candidates if c in rows.index])
@@ -66,7 +74,7 @@ def tuning_concepts(n_reported: int, n_tuning: int, seed: int = 0) -> pd.DataFra
 def _cached_grid(name: str, key_inputs: dict, generate) -> pd.DataFrame:
     """Generations of one (concept, method) from cache/baselines/<model>/, or `generate()` them and cache."""
     key = cache_key("baselines", BASELINES_VERSION, method=name, **key_inputs)
-    path = CACHE_DIR / "baselines" / model_slug(key_inputs["model"]) / f"{key}.csv"
+    path = entry_path("baselines", key, ".csv", key_inputs["model"])
     if not path.exists():
         grid = generate()
         atomic_write(path, lambda tmp: grid.to_csv(tmp, index=False))
@@ -75,48 +83,95 @@ def _cached_grid(name: str, key_inputs: dict, generate) -> pd.DataFrame:
 
 def _rows(concept_class: str, concept: str, setting: str, coefficients, questions, responses, **extra) -> pd.DataFrame:
     rows = [(c, q) for c in coefficients for q in range(len(questions))]
-    return pd.DataFrame({"concept_class": concept_class, "concept": concept, "setting": setting,
-                         "coefficient": [c for c, _ in rows], "question_id": [q for _, q in rows],
-                         "question": [questions[q] for _, q in rows], "response": responses,
-                         **{k: [v[i] for i, _ in enumerate(coefficients) for _ in questions] for k, v in extra.items()}})
+    return pd.DataFrame(
+        {
+            "concept_class": concept_class,
+            "concept": concept,
+            "setting": setting,
+            "coefficient": [c for c, _ in rows],
+            "question_id": [q for _, q in rows],
+            "question": [questions[q] for _, q in rows],
+            "response": responses,
+            **{k: [v[i] for i, _ in enumerate(coefficients) for _ in questions] for k, v in extra.items()},
+        }
+    )
 
 
-def prompting_grid(model, tokenizer, concept_class: str, concept: str, questions: list[str],
-                   max_new_tokens: int = 50) -> pd.DataFrame:
+def prompting_grid(
+    model, tokenizer, concept_class: str, concept: str, questions: list[str], max_new_tokens: int = 50
+) -> pd.DataFrame:
     """Unsteered answers to the questions with the concept prefix in the user prompt (coefficient 0)."""
     prefix = data.prefix_text(concept_class, concept)
     responses = steering.generate(model, tokenizer, [f"{prefix} {q}" for q in questions], None, max_new_tokens)
     return _rows(concept_class, concept, "prompting", [0.0], questions, responses)
 
 
-def sadi_activations(model, tokenizer, model_name: str, user_messages: list[str], batch_size: int = 16) -> dict[str, torch.Tensor]:
+def sadi_activations(
+    model, tokenizer, model_name: str, user_messages: list[str], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
     """Last-token activations of every SADI site for a list of user messages, cached per model and messages
     (the unprefixed statements are recorded once per model and serve every concept)."""
-    key = cache_key("sadi", BASELINES_VERSION, model=model_name, dtype=str(next(model.parameters()).dtype),
-                    messages=hashlib.sha256("\n".join(user_messages).encode()).hexdigest())
-    return cached_tensors(f"sadi/{model_slug(model_name)}", key,
-                          lambda: sadi.record_last_token(model, tokenizer, user_messages, sadi.SITES, batch_size))
+    key = cache_key(
+        "sadi",
+        BASELINES_VERSION,
+        model=model_name,
+        dtype=str(next(model.parameters()).dtype),
+        messages=hashlib.sha256("\n".join(user_messages).encode()).hexdigest(),
+    )
+    return cached_tensors(
+        "sadi", key, lambda: sadi.record_last_token(model, tokenizer, user_messages, sadi.SITES, batch_size), model_name
+    )
 
 
-def sadi_masks(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
-               ks: dict[str, list[int]]) -> dict[str, dict[int, torch.Tensor]]:
+def sadi_masks(
+    model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str], ks: dict[str, list[int]]
+) -> dict[str, dict[int, torch.Tensor]]:
     """SADI masks {site: {K: (n_blocks, n_elements) bool}} from the last-token activations of the paired training
     prompts (prefixed vs unprefixed), for the Ks wanted at each site."""
-    prefixed, plain = (sadi_activations(model, tokenizer, model_name, messages)
-                       for messages in data.paired_messages(concept_class, concept, statements))
-    return {site: {k: sadi.sadi_mask(prefixed[site], plain[site], k) for k in sorted(set(site_ks))}
-            for site, site_ks in ks.items()}
+    prefixed, plain = (
+        sadi_activations(model, tokenizer, model_name, messages)
+        for messages in data.paired_messages(concept_class, concept, statements)
+    )
+    return {
+        site: {k: sadi.sadi_mask(prefixed[site], plain[site], k) for k in sorted(set(site_ks))}
+        for site, site_ks in ks.items()
+    }
 
 
-def sadi_grid(model, tokenizer, concept_class: str, concept: str, questions: list[str], variant: str,
-              settings: list[tuple[int, float]], masks: dict[int, torch.Tensor], max_new_tokens: int = 50) -> pd.DataFrame:
+def sadi_grid(
+    model,
+    tokenizer,
+    concept_class: str,
+    concept: str,
+    questions: list[str],
+    variant: str,
+    settings: list[tuple[int, float]],
+    masks: dict[int, torch.Tensor],
+    max_new_tokens: int = 50,
+) -> pd.DataFrame:
     """One SADI variant's (K, delta) settings × questions for one concept; `coefficient` = the setting's rank."""
     site, where = SADI_VARIANTS[variant]
     rows = [(k, d, q) for k, d in settings for q in questions]
-    responses = sadi.generate_sadi(model, tokenizer, [q for _, _, q in rows], [masks[k] for k, _, _ in rows],
-                                   [d for _, d, _ in rows], site, where, max_new_tokens)
-    return _rows(concept_class, concept, variant, list(range(1, len(settings) + 1)), questions, responses,
-                 k=[k for k, _ in settings], delta=[d for _, d in settings])
+    responses = sadi.generate_sadi(
+        model,
+        tokenizer,
+        [q for _, _, q in rows],
+        [masks[k] for k, _, _ in rows],
+        [d for _, d, _ in rows],
+        site,
+        where,
+        max_new_tokens,
+    )
+    return _rows(
+        concept_class,
+        concept,
+        variant,
+        list(range(1, len(settings) + 1)),
+        questions,
+        responses,
+        k=[k for k, _ in settings],
+        delta=[d for _, d in settings],
+    )
 
 
 def _ks(settings: dict[str, list[tuple[int, float]]]) -> dict[str, list[int]]:
@@ -133,36 +188,60 @@ def tuning_settings(profile: profiles.Profile) -> dict[str, list[tuple[int, floa
     return {v: [(k, float(d)) for k in ks[site] for d in profile.sadi_deltas] for v, (site, _) in SADI_VARIANTS.items()}
 
 
-def run_sadi(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
-             questions: dict[str, list[str]], settings: dict[str, list[tuple[int, float]]], max_new_tokens: int = 50,
-             seed: int = 0) -> pd.DataFrame:
+def run_sadi(
+    context: pipeline.RunContext, sample: pd.DataFrame, settings: dict[str, list[tuple[int, float]]]
+) -> pd.DataFrame:
     """`sadi_grid` for every concept of a sample and every variant in `settings` (cached per concept and variant)."""
-    grids = []
-    for row in tqdm(list(sample.itertuples()), desc="SADI"):
-        inputs = pipeline._run_inputs(model, model_name, row.concept_class, row.concept, statements,
-                                      questions[row.concept_class], [], max_new_tokens, seed)
+    model, tokenizer = context.model, context.tokenizer
+
+    def concept_grids(concept_class: str, concept: str) -> tuple[pd.DataFrame]:
+        inputs = pipeline.steering_inputs(context, concept_class, concept, [])
         masks: dict[str, dict[int, torch.Tensor]] = {}  # built once per concept, and only if a grid is not cached
 
         def site_masks(site: str) -> dict[int, torch.Tensor]:
             if not masks:
-                masks.update(sadi_masks(model, tokenizer, model_name, row.concept_class, row.concept, statements,
-                                        _ks(settings)))
+                masks.update(
+                    sadi_masks(
+                        model, tokenizer, context.model_name, concept_class, concept, context.statements, _ks(settings)
+                    )
+                )
             return masks[site]
 
-        for variant, grid in settings.items():
-            grids.append(_cached_grid(variant, inputs | dict(settings=grid), lambda: sadi_grid(
-                model, tokenizer, row.concept_class, row.concept, questions[row.concept_class], variant, grid,
-                site_masks(SADI_VARIANTS[variant][0]), max_new_tokens)))
-    return pd.concat(grids, ignore_index=True)
+        def generate(variant: str, grid: list[tuple[int, float]]) -> pd.DataFrame:
+            masks_of_site = site_masks(SADI_VARIANTS[variant][0])
+            questions = context.questions[concept_class]
+            return sadi_grid(
+                model,
+                tokenizer,
+                concept_class,
+                concept,
+                questions,
+                variant,
+                grid,
+                masks_of_site,
+                context.max_new_tokens,
+            )
+
+        grids = [
+            _cached_grid(variant, inputs | dict(settings=grid), lambda: generate(variant, grid))
+            for variant, grid in settings.items()
+        ]
+        return (pd.concat(grids, ignore_index=True),)
+
+    return pipeline.for_each_concept(sample, concept_grids, "SADI")[0]
 
 
-def best_sadi_settings(scored: pd.DataFrame, n_settings: int = len(pipeline.COEFFICIENTS)) -> dict[str, list[tuple[int, float]]]:
+def best_sadi_settings(
+    scored: pd.DataFrame, n_settings: int = len(pipeline.COEFFICIENTS)
+) -> dict[str, list[tuple[int, float]]]:
     """Per variant, the `n_settings` (K, delta) with the highest mean judge score on the tuning concepts
     (ties: smaller delta, then smaller K), best first."""
     means = scored.groupby(["setting", "k", "delta"]).score.mean().rename("mean").reset_index()
     means = means.sort_values(["setting", "mean", "delta", "k"], ascending=[True, False, True, True], kind="stable")
-    ranked = {v: [(int(k), float(d)) for k, d in zip(rows.k, rows.delta)][:n_settings]
-              for v, rows in means.groupby("setting", sort=False)}
+    ranked = {
+        v: [(int(k), float(d)) for k, d in zip(rows.k, rows.delta)][:n_settings]
+        for v, rows in means.groupby("setting", sort=False)
+    }
     return {v: ranked[v] for v in SADI_VARIANTS if v in ranked}
 
 
@@ -174,30 +253,43 @@ def tuning_table(scored: pd.DataFrame, chosen: dict[str, list[tuple[int, float]]
     return table
 
 
-def baseline_generations(model, tokenizer, model_name: str, sample: pd.DataFrame, statements: list[str],
-                         questions: dict[str, list[str]], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
-                         max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = ADOPTED) -> pd.DataFrame:
-    """Every method's generations for a sample, `setting` = method name, in METHODS order; the vector methods are
-    trained and applied under `protocol` (prompting and SADI use none)."""
-    parts = []
-    for row in tqdm(list(sample.itertuples()), desc="baselines"):
-        qs = questions[row.concept_class]
-        inputs = pipeline._run_inputs(model, model_name, row.concept_class, row.concept, statements, qs, [0.0],
-                                      max_new_tokens, seed)
-        parts.append(_cached_grid("prompting", inputs, lambda: prompting_grid(
-            model, tokenizer, row.concept_class, row.concept, qs, max_new_tokens)))
-        vectors, _ = pipeline.run_concept(model, tokenizer, model_name, row.concept_class, row.concept, statements, qs,
-                                          [pipeline.Setting.parse(s) for s in VECTOR_METHODS.values()],
-                                          max_new_tokens=max_new_tokens, seed=seed, protocol=protocol)
-        parts.append(vectors.replace({"setting": {v: k for k, v in VECTOR_METHODS.items()}}))
-        ours, _ = pipeline.run_layer_selection(model, tokenizer, model_name, row.concept_class, row.concept, statements,
-                                               qs, max_new_tokens=max_new_tokens, seed=seed, protocol=protocol)
-        parts.append(ours[ours.setting == block_set].assign(setting="ours"))
-    parts.append(run_sadi(model, tokenizer, model_name, sample, statements, questions, sadi_settings, max_new_tokens,
-                          seed))
-    table = pd.concat(parts, ignore_index=True)
-    table["setting"] = pd.Categorical(table.setting, categories=list(METHODS), ordered=True)
-    return table.sort_values("setting", kind="stable").astype({"setting": str}).reset_index(drop=True)  # sample order kept
+def baseline_generations(
+    context: pipeline.RunContext,
+    sample: pd.DataFrame,
+    block_set: str,
+    sadi_settings: dict[str, list[tuple[int, float]]],
+    protocol: Protocol = ADOPTED,
+) -> pd.DataFrame:
+    """Every method's generations for a sample, `setting` = method name, in COMPARED_METHODS order; the vector
+    methods are trained and applied under `protocol` (prompting and SADI use none)."""
+
+    def concept_methods(concept_class: str, concept: str) -> tuple[pd.DataFrame]:
+        questions = context.questions[concept_class]
+        prompting = _cached_grid(
+            "prompting",
+            pipeline.steering_inputs(context, concept_class, concept, [0.0]),
+            lambda: prompting_grid(
+                context.model, context.tokenizer, concept_class, concept, questions, context.max_new_tokens
+            ),
+        )
+        settings = [pipeline.Setting.parse(s) for s in VECTOR_METHODS.values()]
+        vectors, _ = pipeline.run_concept(context, concept_class, concept, settings, protocol=protocol)
+        ours, _ = layers.run_concept(context, concept_class, concept, protocol=protocol)
+        return (
+            pd.concat(
+                [
+                    prompting,
+                    vectors.replace({"setting": {v: k for k, v in VECTOR_METHODS.items()}}),
+                    ours[ours.setting == block_set].assign(setting="ours"),
+                ],
+                ignore_index=True,
+            ),
+        )
+
+    methods = pipeline.for_each_concept(sample, concept_methods, "baselines")[0]
+    table = pd.concat([methods, run_sadi(context, sample, sadi_settings)], ignore_index=True)
+    table["setting"] = pd.Categorical(table.setting, categories=list(COMPARED_METHODS), ordered=True)
+    return table.sort_values("setting", kind="stable").astype({"setting": str}).reset_index(drop=True)  # sample order
 
 
 def _timed(fn):
@@ -206,40 +298,85 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def cost_table(model, tokenizer, model_name: str, concept_class: str, concept: str, statements: list[str],
-               questions: list[str], block_set: str, sadi_settings: dict[str, list[tuple[int, float]]],
-               max_new_tokens: int = 50, seed: int = 0, protocol: Protocol = ADOPTED) -> pd.DataFrame:
+def cost_table(
+    context: pipeline.RunContext,
+    concept_class: str,
+    concept: str,
+    block_set: str,
+    sadi_settings: dict[str, list[tuple[int, float]]],
+    protocol: Protocol = ADOPTED,
+) -> pd.DataFrame:
     """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
-    acts, extract_s = _timed(lambda: pipeline.concept_activations(model, tokenizer, model_name, concept_class, concept,
-                                                                  statements, cached=False, protocol=protocol))
+    model, tokenizer, model_name, statements = context.model, context.tokenizer, context.model_name, context.statements
+    questions, max_new_tokens, seed = context.questions[concept_class], context.max_new_tokens, context.seed
+    acts, extract_s = _timed(
+        lambda: pipeline.concept_activations(
+            model, tokenizer, model_name, concept_class, concept, statements, cached=False, protocol=protocol
+        )
+    )
     coefficients = list(pipeline.COEFFICIENTS)
-    rows = [{"method": "prompting", "extract_s": 0.0, "fit_s": 0.0, "n_generations": len(questions),
-             "generate_s": _timed(lambda: prompting_grid(model, tokenizer, concept_class, concept, questions,
-                                                         max_new_tokens))[1]}]
+    rows = [
+        {
+            "method": "prompting",
+            "extract_s": 0.0,
+            "fit_s": 0.0,
+            "n_generations": len(questions),
+            "generate_s": _timed(
+                lambda: prompting_grid(model, tokenizer, concept_class, concept, questions, max_new_tokens)
+            )[1],
+        }
+    ]
     for method, setting in (*VECTOR_METHODS.items(), ("ours", "attention-soft-rfm")):
         blocks = steering.default_blocks(acts.prefixed.hidden.shape[1])
         scale = 1.0
         fit_start = time.perf_counter()
         if method == "ours" and block_set != "all":
-            _, sets, scales = pipeline.enriched_block_sets(acts, n_random=0, seed=seed)
+            _, sets, scales = layers.enriched_block_sets(acts, n_random=0, seed=seed)
             blocks, scale = sets[block_set], scales[block_set]
         vector, _ = pipeline.fit_setting(acts, pipeline.Setting.parse(setting), model_name, seed)
         fit_s = time.perf_counter() - fit_start
-        generate_s = _timed(lambda: steering.generate_grid(model, tokenizer, {method: vector}, questions, coefficients,
-                                                           blocks, max_new_tokens, {method: scale},
-                                                           protocol.system, protocol.positions))[1]
-        rows.append({"method": method, "extract_s": extract_s, "fit_s": fit_s,
-                     "n_generations": len(coefficients) * len(questions), "generate_s": generate_s})
+        generate_s = _timed(
+            lambda: steering.generate_grid(
+                model,
+                tokenizer,
+                {method: vector},
+                questions,
+                coefficients,
+                blocks,
+                max_new_tokens,
+                {method: scale},
+                protocol.system,
+                protocol.positions,
+            )
+        )[1]
+        rows.append(
+            {
+                "method": method,
+                "extract_s": extract_s,
+                "fit_s": fit_s,
+                "n_generations": len(coefficients) * len(questions),
+                "generate_s": generate_s,
+            }
+        )
     messages = dict(zip(("prefixed", "plain"), data.paired_messages(concept_class, concept, statements)))
     recorded, record_s = _timed(lambda: {k: sadi.record_last_token(model, tokenizer, m) for k, m in messages.items()})
     for variant, grid in sadi_settings.items():
         site = SADI_VARIANTS[variant][0]
-        masks, mask_s = _timed(lambda: {k: sadi.sadi_mask(recorded["prefixed"][site], recorded["plain"][site], k)
-                                        for k, _ in grid})
-        generate_s = _timed(lambda: sadi_grid(model, tokenizer, concept_class, concept, questions, variant, grid, masks,
-                                              max_new_tokens))[1]
-        rows.append({"method": variant, "extract_s": record_s, "fit_s": mask_s,
-                     "n_generations": len(grid) * len(questions), "generate_s": generate_s})
+        masks, mask_s = _timed(
+            lambda: {k: sadi.sadi_mask(recorded["prefixed"][site], recorded["plain"][site], k) for k, _ in grid}
+        )
+        generate_s = _timed(
+            lambda: sadi_grid(model, tokenizer, concept_class, concept, questions, variant, grid, masks, max_new_tokens)
+        )[1]
+        rows.append(
+            {
+                "method": variant,
+                "extract_s": record_s,
+                "fit_s": mask_s,
+                "n_generations": len(grid) * len(questions),
+                "generate_s": generate_s,
+            }
+        )
     table = pd.DataFrame(rows)
     table["total_s"] = table.extract_s + table.fit_s + table.generate_s
     return table.round(3)

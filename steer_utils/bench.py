@@ -21,6 +21,7 @@ Measured in one run:
 
 Every model is loaded in fp32 on CPU (`dtype="auto"`), bf16 only in the bf16 section.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,13 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import data, judge, models, pipeline, plots, steering, vectors
-from .cache import write_csv
+from . import data, extraction, judge, layers, models, pipeline, plots, steering, vectors
+from .cache import cache_dir, write_csv
 from .extraction import extract, extract_reference, find_blocks
-from .paths import CACHE_DIR, FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
+from .paths import FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
 from .protocol import ADOPTED
 
-SETTINGS = ("fixed-hard-rfm", "attention-hard-rfm", "attention-soft-rfm")  # notebook 01's grid
+SETTINGS = (pipeline.PRIOR, pipeline.HARD, pipeline.OURS)  # notebook 01's grid
 CONCEPT = ("moods", "cheerful")
 
 
@@ -66,7 +67,7 @@ def matmul_peak(dtype: torch.dtype, size: int, device: str = "cpu", repeats: int
     a @ a  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seconds = _seconds(lambda: (a @ a, sync()), repeats)
-    return 2 * size ** 3 / seconds / 1e9
+    return 2 * size**3 / seconds / 1e9
 
 
 def linear_fit(x, y) -> tuple[float, float, float]:
@@ -85,7 +86,9 @@ class Table:
 
     def add(self, section: str, model: str, quantity: str, value: float, unit: str, note: str = "") -> None:
         """Append one measurement."""
-        self.rows.append(dict(section=section, model=model, quantity=quantity, value=float(value), unit=unit, note=note))
+        self.rows.append(
+            dict(section=section, model=model, quantity=quantity, value=float(value), unit=unit, note=note)
+        )
 
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame."""
@@ -97,7 +100,10 @@ def bench_extraction(table: Table, name: str, model, tokenizer, n_statements: in
     prefixed, plain = data.paired_prompts(tokenizer, *CONCEPT, data.load_statements(n=n_statements))
     prompts = prefixed + plain
     n_tail, pad = len(data.shared_tail(prompts)), tokenizer.pad_token_id
-    ours_sets = lambda: [extract(model, p, n_tail, pad, keep_user_attention=p is prefixed) for p in (prefixed, plain)]
+
+    def ours_sets():
+        return [extract(model, p, n_tail, pad, keep_user_attention=p is prefixed) for p in (prefixed, plain)]
+
     ours_sets()  # warm-up
     t_ref = _seconds(lambda: extract_reference(model, prompts, n_tail))
     t_ours = _seconds(ours_sets, repeats=3)
@@ -109,9 +115,15 @@ def bench_extraction(table: Table, name: str, model, tokenizer, n_statements: in
     table.add("extraction", name, "reference loop", len(prompts) / t_ref, "prompts/s", note)
     table.add("extraction", name, "ours, same prompts", len(prompts) / t_ours, "prompts/s", note)
     table.add("extraction", name, "speed-up, same prompts", t_ref / t_ours, "x", note)
-    table.add("extraction", name, "speed-up per concept in a run", t_ref / t_prefixed, "x",
-              "reference does the concept's prefixed + unprefixed prompts; ours only the prefixed ones "
-              "(unprefixed activations are cached once per model and statement set)")
+    table.add(
+        "extraction",
+        name,
+        "speed-up per concept in a run",
+        t_ref / t_prefixed,
+        "x",
+        "reference does the concept's prefixed + unprefixed prompts; ours only the prefixed ones "
+        "(unprefixed activations are cached once per model and statement set)",
+    )
     table.add("extraction", name, "achieved", flops / t_ours / 1e9, "GFLOP/s", "FlopCounterMode FLOPs / wall time")
 
 
@@ -129,38 +141,73 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
         pre = extract(model, prefixed, n_tail, pad, keep_user_attention=True)
         negatives = extract(model, contrast, n_tail, pad) if contrast else None
         extract_s.append(time.perf_counter() - start)
-        acts = pipeline.ConceptActivations(*CONCEPT, pre, extract(model, plain, n_tail, pad), ["t"] * n_tail,
-                                           *pipeline.user_layout(prefixed), negatives)
+        acts = pipeline.ConceptActivations(
+            *CONCEPT,
+            pre,
+            extract(model, plain, n_tail, pad),
+            ["t"] * n_tail,
+            *extraction.user_layout(prefixed),
+            negatives,
+        )
         examples.append(len(prefixed) + len(plain) + len(contrast))
         fit_s.append(_seconds(lambda: pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), name)))
-        test_s.append(_seconds(lambda: pipeline.concept_enrichment(acts)))
-    for stage, seconds in (("extract (prefixed + contrast prompts)", extract_s), ("fit one setting, all blocks", fit_s),
-                           ("enrichment test", test_s)):
+        test_s.append(_seconds(lambda: layers.concept_enrichment(acts)))
+    for stage, seconds in (
+        ("extract (prefixed + contrast prompts)", extract_s),
+        ("fit one setting, all blocks", fit_s),
+        ("enrichment test", test_s),
+    ):
         for n, m, s in zip(counts, examples, seconds):
-            table.add("stage vs statements", name, stage, s, "s/concept",
-                      f"{n} statements ({m} examples, protocol {ADOPTED.name})")
+            table.add(
+                "stage vs statements",
+                name,
+                stage,
+                s,
+                "s/concept",
+                f"{n} statements ({m} examples, protocol {ADOPTED.name})",
+            )
         slope, intercept, exponent = linear_fit(counts, seconds)
-        table.add("growth", name, f"{stage}: slope", slope, "s per statement",
-                  f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
+        table.add(
+            "growth",
+            name,
+            f"{stage}: slope",
+            slope,
+            "s per statement",
+            f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)",
+        )
     features, y, _, _ = pipeline.training_set(acts, pipeline.Setting.parse("attention-soft-rfm"))
     block_counts = sorted({max(1, n_blocks // 4), max(1, n_blocks // 2), n_blocks})
     block_s = [_seconds(lambda: vectors.fit_rfm(features[:, :b], y[:, :b])) for b in block_counts]
     for b, s in zip(block_counts, block_s):
         table.add("stage vs blocks", name, "fit one setting", s, "s/concept", f"{b} blocks, {max(counts)} statements")
     slope, intercept, exponent = linear_fit(block_counts, block_s)
-    table.add("growth", name, "fit one setting: slope", slope, "s per block",
-              f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)")
+    table.add(
+        "growth",
+        name,
+        "fit one setting: slope",
+        slope,
+        "s per block",
+        f"intercept {intercept:.2f} s; log-log exponent {exponent:.2f} (1 = linear)",
+    )
     bench_rfm_cap(table, name, features, y)
 
     arms = {s: pipeline.fit_setting(acts, pipeline.Setting.parse(s), name)[0] for s in SETTINGS}
-    messages, responses, generate_s = bench_generation(table, name, model, tokenizer, arms, questions,
-                                                       steering.default_blocks(n_blocks))
+    messages, responses, generate_s = bench_generation(
+        table, name, model, tokenizer, arms, questions, steering.default_blocks(n_blocks)
+    )
     judge_s = _seconds(lambda: grader.score_table(CONCEPT[0], [CONCEPT[1]] * len(messages), messages, responses))
-    note = f"{len(messages)} rows = {len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, 50 tokens"
+    grid = f"{len(SETTINGS)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions"
+    note = f"{len(messages)} rows = {grid}, 50 tokens"
     table.add("stage", name, "generate grid", generate_s, "s/concept", note)
     table.add("stage", name, "judge grid", judge_s, "s/concept", note)
-    return {"counts": counts, "examples": examples, "extract": extract_s, "fit": fit_s, "generate": generate_s,
-            "judge": judge_s}
+    return {
+        "counts": counts,
+        "examples": examples,
+        "extract": extract_s,
+        "fit": fit_s,
+        "generate": generate_s,
+        "judge": judge_s,
+    }
 
 
 def bench_rfm_cap(table: Table, name: str, features: torch.Tensor, y: torch.Tensor) -> None:
@@ -175,11 +222,23 @@ def bench_rfm_cap(table: Table, name: str, features: torch.Tensor, y: torch.Tens
         v, details = fits[label]
         note = f"{len(features)} examples, attention-soft-rfm, all blocks"
         table.add("rfm cap", name, f"fit, {label}", seconds, "s", note)
-        table.add("rfm cap", name, f"held-out correlation, {label}", float(np.mean([d["val_corr"] for d in details])),
-                  "", note + ", mean over blocks (each fit's own held-out split)")
+        table.add(
+            "rfm cap",
+            name,
+            f"held-out correlation, {label}",
+            float(np.mean([d["val_corr"] for d in details])),
+            "",
+            note + ", mean over blocks (each fit's own held-out split)",
+        )
     cosine = torch.nn.functional.cosine_similarity(fits["uncapped"][0], fits[f"capped at {cap}"][0], dim=-1).abs()
-    table.add("rfm cap", name, "|cosine| capped vs uncapped", float(cosine.mean()), "",
-              f"mean over blocks (min {float(cosine.min()):.3f})")
+    table.add(
+        "rfm cap",
+        name,
+        "|cosine| capped vs uncapped",
+        float(cosine.mean()),
+        "",
+        f"mean over blocks (min {float(cosine.min()):.3f})",
+    )
 
 
 @contextmanager
@@ -208,10 +267,13 @@ def timed_parts(model) -> Iterator[dict[str, float]]:
                 seconds[key] += elapsed
                 if inside_attention:  # the attention module's own time excludes its linears
                     seconds["attention core"] -= elapsed
-        return module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post, with_kwargs=True)
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(
+            post, with_kwargs=True
+        )
 
     attention = [m for n, m in model.named_modules() if n.endswith("self_attn")]
-    inside = {id(l) for a in attention for l in a.modules() if isinstance(l, torch.nn.Linear)}
+    inside = {id(m) for a in attention for m in a.modules() if isinstance(m, torch.nn.Linear)}
     handles = [*timed("forward", model), *timed("lm head", head)]
     for a in attention:
         handles += timed("attention core", a)
@@ -225,16 +287,26 @@ def timed_parts(model) -> Iterator[dict[str, float]]:
             h.remove()
 
 
-def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, questions: list[str], blocks: list[int],
-                     max_new_tokens: int = 50) -> tuple[list[str], list[str], float]:
+def bench_generation(
+    table: Table,
+    name: str,
+    model,
+    tokenizer,
+    arms: dict,
+    questions: list[str],
+    blocks: list[int],
+    max_new_tokens: int = 50,
+) -> tuple[list[str], list[str], float]:
     """Generated tokens per second over one concept's grid (`steering.grid_rows`): ours (`steering.generate`) vs
     one `model.generate` call (`steering.generate_reference`), whether the responses are identical, and where our
     time goes.
     Returns the grid's (messages, our responses, our seconds)."""
     rows, additions = steering.grid_rows(arms, pipeline.COEFFICIENTS, len(questions), blocks)
     messages = [questions[q] for _, _, q in rows]
-    note = f"{len(rows)} rows = {len(arms)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, " \
-           f"up to {max_new_tokens} tokens"
+    note = (
+        f"{len(rows)} rows = {len(arms)} settings x {len(pipeline.COEFFICIENTS)} eps x {len(questions)} questions, "
+        f"up to {max_new_tokens} tokens"
+    )
     timings = {}
     for key, generate in (("reference", steering.generate_reference), ("ours", steering.generate)):
         start = time.perf_counter()
@@ -244,27 +316,51 @@ def bench_generation(table: Table, name: str, model, tokenizer, arms: dict, ques
     table.add("generation", name, "reference (model.generate)", tokens / ref_s, "tokens/s", note)
     table.add("generation", name, "ours (steering.generate)", tokens / ours_s, "tokens/s", note)
     table.add("generation", name, "speed-up", ref_s / ours_s, "x", note)
-    table.add("generation", name, "identical responses", 100 * np.mean([a == b for a, b in zip(reference, ours)]), "%", note)
+    table.add(
+        "generation", name, "identical responses", 100 * np.mean([a == b for a, b in zip(reference, ours)]), "%", note
+    )
     with FlopCounterMode(display=False) as counter:
         steering.generate(model, tokenizer, messages, additions, max_new_tokens)
-    table.add("generation", name, "achieved, ours", counter.get_total_flops() / ours_s / 1e9, "GFLOP/s",
-              "FlopCounterMode FLOPs / wall time")
+    table.add(
+        "generation",
+        name,
+        "achieved, ours",
+        counter.get_total_flops() / ours_s / 1e9,
+        "GFLOP/s",
+        "FlopCounterMode FLOPs / wall time",
+    )
     with timed_parts(model) as parts:
         start = time.perf_counter()
         steering.generate(model, tokenizer, messages, additions, max_new_tokens)
         total = time.perf_counter() - start
     parts["other (norms, MLP activation, hooks, Python)"] = parts["decode"] - sum(
-        parts[k] for k in ("lm head", "block linears", "attention core"))
+        parts[k] for k in ("lm head", "block linears", "attention core")
+    )
     parts["outside the forward passes"] = total - parts["prefill"] - parts["decode"]
     for part, seconds in parts.items():
-        within = "" if part in ("prefill", "decode", "outside the forward passes") else "; decoding parts are within decode"
-        table.add("generation breakdown", name, part, 100 * seconds / total, "% of time",
-                  f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower){within}")
+        within = (
+            "" if part in ("prefill", "decode", "outside the forward passes") else "; decoding parts are within decode"
+        )
+        table.add(
+            "generation breakdown",
+            name,
+            part,
+            100 * seconds / total,
+            "% of time",
+            f"{seconds:.2f} of {total:.2f} s (timed by forward hooks, a little slower){within}",
+        )
     return messages, ours, ours_s
 
 
-def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class: int = 1, n_statements: int = 64,
-               max_new_tokens: int = 50) -> None:
+def bench_bf16(
+    table: Table,
+    name: str,
+    grader,
+    device: str,
+    concepts_per_class: int = 1,
+    n_statements: int = 64,
+    max_new_tokens: int = 50,
+) -> None:
     """bf16 vs fp32 on this machine: extraction and generation speed, and how far bf16 changes the results.
 
     Agreement is measured on a seeded concept sample (`concepts_per_class` per class, attention-soft-rfm, the
@@ -275,8 +371,15 @@ def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class:
     from . import evaluation
 
     if device == "cpu" and not models.cpu_has_fast_bf16():
-        table.add("bf16", name, "skipped", 0, "", "this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so bf16 is "
-                  "emulated and slow; run make bench on an AMX / AVX512-BF16 CPU or a GPU to measure it")
+        table.add(
+            "bf16",
+            name,
+            "skipped",
+            0,
+            "",
+            "this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so bf16 is "
+            "emulated and slow; run make bench on an AMX / AVX512-BF16 CPU or a GPU to measure it",
+        )
         return
     sample = data.sample_concepts(concepts_per_class, seed=0)
     statements, questions = data.load_statements(n=n_statements), data.load_questions()
@@ -292,39 +395,62 @@ def bench_bf16(table: Table, name: str, grader, device: str, concepts_per_class:
         unit = torch.nn.functional.normalize(torch.ones(model.config.get_text_config().hidden_size), dim=0)
         vector = vectors.ConceptVector(dict.fromkeys(range(n_blocks), unit), dict.fromkeys(range(n_blocks), 1.0))
         grid_questions = questions[CONCEPT[0]]
-        seconds[dtype, "generate"] = _seconds(lambda: steering.generate_grid(
-            model, tokenizer, {"v": vector}, grid_questions, pipeline.COEFFICIENTS,
-            steering.default_blocks(n_blocks), max_new_tokens))
-        generations, _ = pipeline.run_concepts(model, tokenizer, name, sample, statements, questions, setting,
-                                               max_new_tokens=max_new_tokens)
-        scored[dtype] = pipeline.judge_generations(grader, generations)
-        del model
-    for stage, what in (("extract", f"{len(prefixed)} prefixed prompts"),
-                        ("generate", f"{len(pipeline.COEFFICIENTS) * len(grid_questions)} rows x {max_new_tokens} tokens")):
+        seconds[dtype, "generate"] = _seconds(
+            lambda: steering.generate_grid(
+                model,
+                tokenizer,
+                {"v": vector},
+                grid_questions,
+                pipeline.COEFFICIENTS,
+                steering.default_blocks(n_blocks),
+                max_new_tokens,
+            )
+        )
+        context = pipeline.RunContext(model, tokenizer, name, statements, questions, max_new_tokens)
+        generations, _ = pipeline.run_concepts(context, sample, setting)
+        scored[dtype] = judge.score_generations(grader, generations)
+        model = context = None  # frees the weights before the next precision loads
+    for stage, what in (
+        ("extract", f"{len(prefixed)} prefixed prompts"),
+        ("generate", f"{len(pipeline.COEFFICIENTS) * len(grid_questions)} rows x {max_new_tokens} tokens"),
+    ):
         for dtype in ("float32", "bfloat16"):
             table.add("bf16", name, f"{stage}, {dtype}", seconds[dtype, stage], "s", what)
-        table.add("bf16", name, f"{stage}: speed-up of bf16", seconds["float32", stage] / seconds["bfloat16", stage],
-                  "x", what)
+        table.add(
+            "bf16",
+            name,
+            f"{stage}: speed-up of bf16",
+            seconds["float32", stage] / seconds["bfloat16", stage],
+            "x",
+            what,
+        )
     keys = ["concept_class", "concept", "setting", "coefficient", "question_id"]
     both = scored["float32"].merge(scored["bfloat16"], on=keys, suffixes=("_fp32", "_bf16"))
     note = f"{len(sample)} concepts, {len(both)} responses, attention-soft-rfm, {n_statements} statements"
     table.add("bf16", name, "identical responses", 100 * (both.response_fp32 == both.response_bf16).mean(), "%", note)
     table.add("bf16", name, "equal judge scores", 100 * (both.score_fp32 == both.score_bf16).mean(), "%", note)
     per_concept = {d: evaluation.concept_steerability(s) for d, s in scored.items()}
-    aligned = per_concept["float32"].merge(per_concept["bfloat16"], on=["concept_class", "concept"],
-                                           suffixes=("_fp32", "_bf16"))
+    aligned = per_concept["float32"].merge(
+        per_concept["bfloat16"], on=["concept_class", "concept"], suffixes=("_fp32", "_bf16")
+    )
     paired = evaluation.paired_bootstrap(aligned.steerability_fp32, aligned.steerability_bf16)
     table.add("bf16", name, "steerability fp32", paired["mean_a"], "", note + ", best-of-grid")
     table.add("bf16", name, "steerability bf16", paired["mean_b"], "", note + ", best-of-grid")
-    table.add("bf16", name, "steerability bf16 - fp32", paired["diff"], "",
-              f"95% CI [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}], paired bootstrap over concepts, "
-              f"p {paired['p_value']:.2f}")
+    table.add(
+        "bf16",
+        name,
+        "steerability bf16 - fp32",
+        paired["diff"],
+        "",
+        f"95% CI [{paired['ci_low']:.3f}, {paired['ci_high']:.3f}], paired bootstrap over concepts, "
+        f"p {paired['p_value']:.2f}",
+    )
 
 
 def power_law(x, y, at: float) -> float:
     """y extrapolated to `at` with the log-log least-squares fit y = a x^b (exact for linear or quadratic growth)."""
     b, log_a = np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)
-    return float(np.exp(log_a) * at ** b)
+    return float(np.exp(log_a) * at**b)
 
 
 def bench_rfm(table: Table, name: str, d: int, sizes: tuple[int, ...]) -> None:
@@ -337,8 +463,9 @@ def bench_rfm(table: Table, name: str, d: int, sizes: tuple[int, ...]) -> None:
         seconds.append(_seconds(lambda: vectors.fit_rfm(X, y, max_examples=None), repeats=2))
         table.add("rfm vs examples", name, "fit one block", seconds[-1], "s", f"{n} examples, d={d}")
     _, _, exponent = linear_fit(sizes, seconds)
-    table.add("growth", name, "fit one block vs examples: log-log exponent", exponent, "",
-              f"{sizes[0]}-{sizes[-1]} examples")
+    table.add(
+        "growth", name, "fit one block vs examples: log-log exponent", exponent, "", f"{sizes[0]}-{sizes[-1]} examples"
+    )
 
 
 _RSS_SCRIPT = """
@@ -347,9 +474,10 @@ from steer_utils import data, models, pipeline, profiles
 name, settings = sys.argv[1], sys.argv[2:]
 p = profiles.resolve_profile("default")
 model, tokenizer, _ = models.load_model(name)
-pipeline.run_concept(model, tokenizer, name, "moods", "cheerful", data.load_statements(n=p.n_statements),
-                     data.load_questions()["moods"][:p.n_questions], [pipeline.Setting.parse(s) for s in settings],
-                     max_new_tokens=p.max_new_tokens)
+questions = {c: q[:p.n_questions] for c, q in data.load_questions().items()}
+context = pipeline.RunContext(model, tokenizer, name, data.load_statements(n=p.n_statements), questions,
+                              p.max_new_tokens)
+pipeline.run_concept(context, "moods", "cheerful", [pipeline.Setting.parse(s) for s in settings])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -357,11 +485,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def peak_rss(name: str) -> float:
     """Peak RSS (GiB) of a fresh process that runs one `default`-profile concept end to end (3 settings)."""
     with tempfile.TemporaryDirectory() as tmp:  # a cold cache, except the converted weights (linked, not rebuilt)
-        if (CACHE_DIR / "models").exists():
-            os.symlink((CACHE_DIR / "models").resolve(), Path(tmp) / "models")
-        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, name, *SETTINGS], capture_output=True, text=True,
-                             check=True, cwd=ROOT, env={**os.environ, "STEER_CACHE_DIR": tmp})
-    return int(out.stdout.strip().splitlines()[-1]) / 2 ** 20  # ru_maxrss is in KiB on Linux
+        if (cache_dir() / "models").exists():
+            os.symlink((cache_dir() / "models").resolve(), Path(tmp) / "models")
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, name, *SETTINGS],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "STEER_CACHE_DIR": tmp},
+        )
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def notebook_times(table: Table, name: str) -> dict[str, float]:
@@ -374,7 +508,14 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
         if meta.get("duration") is not None:
             times[path.stem] = meta["duration"] / 60
             profile = meta.get("parameters", {}).get("profile", "?")
-            table.add("make all", name, path.stem, times[path.stem], "min", f"profile {profile}, {meta.get('end_time', '')[:10]}")
+            table.add(
+                "make all",
+                name,
+                path.stem,
+                times[path.stem],
+                "min",
+                f"profile {profile}, {meta.get('end_time', '')[:10]}",
+            )
     if times:
         table.add("make all", name, "total", sum(times.values()), "min", "sum of the notebooks above")
     return times
@@ -410,19 +551,45 @@ def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new
         exact += filled == ids
         if filled != ids and grader is not None:
             changed.append(row._replace(response=tokenizer.decode(filled)))
-    note = (f"{len(rows)} responses of results/{model_slug(name)}/01_generations.csv, re-tokenised; a loop: "
-            "3 repeats of a cycle of <= 16 tokens")
+    note = (
+        f"{len(rows)} responses of results/{model_slug(name)}/01_generations.csv, re-tokenised; a loop: "
+        "3 repeats of a cycle of <= 16 tokens"
+    )
     table.add("loop stopping", name, "rows that loop", 100 * looped / len(rows), "%", note)
-    table.add("loop stopping", name, "row-steps saved", 100 * saved / (max_new_tokens * len(rows)), "%",
-              note + f"; of {max_new_tokens} steps per row")
+    table.add(
+        "loop stopping",
+        name,
+        "row-steps saved",
+        100 * saved / (max_new_tokens * len(rows)),
+        "%",
+        note + f"; of {max_new_tokens} steps per row",
+    )
     table.add("loop stopping", name, "cycle fill = generated text", 100 * exact / max(looped, 1), "%", note)
     if grader is not None and looped:
         changed = pd.DataFrame(changed)
-        same = sum(int((grader.score_table(cls, part.concept.tolist(), part.question.tolist(),
-                                           part.response.tolist()).score.to_numpy() == part.score.to_numpy()).sum())
-                   for cls, part in changed.groupby("concept_class")) if len(changed) else 0
-        table.add("loop stopping", name, "equal judge scores", 100 * (exact + same) / looped, "%",
-                  note + "; of the looping rows, the filled text scored by the judge")
+        same = (
+            sum(
+                int(
+                    (
+                        grader.score_table(
+                            cls, part.concept.tolist(), part.question.tolist(), part.response.tolist()
+                        ).score.to_numpy()
+                        == part.score.to_numpy()
+                    ).sum()
+                )
+                for cls, part in changed.groupby("concept_class")
+            )
+            if len(changed)
+            else 0
+        )
+        table.add(
+            "loop stopping",
+            name,
+            "equal judge scores",
+            100 * (exact + same) / looped,
+            "%",
+            note + "; of the looping rows, the filled text scored by the judge",
+        )
 
 
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
@@ -433,20 +600,33 @@ def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
     capped = costs["examples"][-1] >= vectors.RFM_MAX_EXAMPLES
     fit_s = len(SETTINGS) * (costs["fit"][-1] if capped else power_law(costs["counts"], costs["fit"], n_statements))
     per_concept = extract_s + fit_s + costs["generate"] + costs["judge"]
-    table.add("projection", name, "01 full profile", n_concepts * per_concept / 3600, "h",
-              f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s, "
-              f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; "
-              f"{'fit: the measured capped fit' if capped else 'power-law fits'}; protocol {ADOPTED.name})")
+    table.add(
+        "projection",
+        name,
+        "01 full profile",
+        n_concepts * per_concept / 3600,
+        "h",
+        f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s, "
+        f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; "
+        f"{'fit: the measured capped fit' if capped else 'power-law fits'}; protocol {ADOPTED.name})",
+    )
 
 
-def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool,
-        bf16_concepts_per_class: int = 1) -> pd.DataFrame:
+def run(
+    models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool, bf16_concepts_per_class: int = 1
+) -> pd.DataFrame:
     """All measurements for the given models; the first model also gets the RFM and memory sections."""
     table = Table()
     device = models.resolve_device("auto")
     table.add("peak", device, "matmul fp32", matmul_peak(torch.float32, 2048, device), "GFLOP/s", "2048^3, best of 3")
-    table.add("peak", device, "matmul bf16", matmul_peak(torch.bfloat16, 1024 if device == "cpu" else 4096, device, 1),
-              "GFLOP/s", "best of 1 (slow without avx512_bf16)" if device == "cpu" else "4096^3")
+    table.add(
+        "peak",
+        device,
+        "matmul bf16",
+        matmul_peak(torch.bfloat16, 1024 if device == "cpu" else 4096, device, 1),
+        "GFLOP/s",
+        "best of 1 (slow without avx512_bf16)" if device == "cpu" else "4096^3",
+    )
     grader = None
     for i, name in enumerate(models_):
         model, tokenizer, info = models.load_model(name)
@@ -470,10 +650,18 @@ def run(models_: list[str], counts: tuple[int, ...], reference_statements: int, 
     native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing
     for row in frame[frame.quantity.isin(["achieved", "achieved, ours"])].itertuples():
         for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
-            table.add(row.section, row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"],
-                      "%", "")
-    table.add("machine", device, "threads", torch.get_num_threads(), "", f"{models.cpu_name()}, torch {torch.__version__}, "
-              f"{resource.getpagesize()} B pages, {time.strftime('%Y-%m-%d')}")
+            table.add(
+                row.section, row.model, f"achieved / {dtype} peak", 100 * row.value / peaks[f"matmul {dtype}"], "%", ""
+            )
+    table.add(
+        "machine",
+        device,
+        "threads",
+        torch.get_num_threads(),
+        "",
+        f"{models.cpu_name()}, torch {torch.__version__}, "
+        f"{resource.getpagesize()} B pages, {time.strftime('%Y-%m-%d')}",
+    )
     return table.frame()
 
 
@@ -490,21 +678,29 @@ def plot(frame: pd.DataFrame):
     axes[0].set(yscale="log", ylabel="prompts / s (log)", xlabel="", title="Extraction throughput")
     axes[0].legend(title=None, fontsize=7)
     stages = frame[frame.section == "stage vs statements"].assign(
-        statements=lambda t: t.note.str.split().str[0].astype(int))
+        statements=lambda t: t.note.str.split().str[0].astype(int)
+    )
     sns.lineplot(stages, x="statements", y="value", hue="quantity", style="model", marker="o", ax=axes[1])
     axes[1].set(ylabel="seconds per concept", title="Cost vs training statements")
     axes[1].legend(title=None, fontsize=7)
     rfm = frame[frame.section == "rfm vs examples"].assign(examples=lambda t: t.note.str.split().str[0].astype(int))
     sns.lineplot(rfm, x="examples", y="value", marker="o", ax=axes[2])
-    axes[2].set(xscale="log", yscale="log", ylabel="seconds (log)", xlabel="training examples (log)",
-                title="RFM fit, one block")
+    axes[2].set(
+        xscale="log", yscale="log", ylabel="seconds (log)", xlabel="training examples (log)", title="RFM fit, one block"
+    )
     nb = frame[(frame.section == "make all") & (frame.quantity != "total")]
     if len(nb):
         sns.barplot(nb, x="model", y="value", hue="quantity", ax=axes[3])
         axes[3].legend(title=None, fontsize=7)
     else:
-        axes[3].text(0.5, 0.5, "no executed notebooks in runs/\n(run make all, then make bench)", ha="center",
-                     va="center", transform=axes[3].transAxes)
+        axes[3].text(
+            0.5,
+            0.5,
+            "no executed notebooks in runs/\n(run make all, then make bench)",
+            ha="center",
+            va="center",
+            transform=axes[3].transAxes,
+        )
         axes[3].set(xticks=[], yticks=[])
     axes[3].set(ylabel="minutes", xlabel="", title="make all (default profile)")
     gen = frame[(frame.section == "generation") & (frame.unit == "tokens/s")]

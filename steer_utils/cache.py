@@ -13,6 +13,7 @@ Command line (also `make cache-info` / `make clean-cache`):
     python -m steer_utils.cache clean-tmp   # remove temporary files left by killed runs (none may be running)
     python -m steer_utils.cache clean       # remove the whole cache; never results/ or figures/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import paths
-from .paths import CACHE_DIR
 
 if TYPE_CHECKING:  # torch and pandas are imported where used, so the command line starts fast
     import pandas as pd
@@ -35,7 +35,21 @@ if TYPE_CHECKING:  # torch and pandas are imported where used, so the command li
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 # Stages whose entries sit in one folder per model (cache/<stage>/<model>/).
-PER_MODEL_STAGES = ("generations", "layers", "baselines", "sadi", "study")
+PER_MODEL_STAGES = ("generations", "layers", "baselines", "sadi", "study")  # see `entry_path`
+
+
+def cache_dir() -> Path:
+    """The cache folder, `STEER_CACHE_DIR` or ./cache (`paths.CACHE_DIR`), read at call time: tests patch one name."""
+    return Path(paths.CACHE_DIR)
+
+
+def entry_path(stage: str, key: str, suffix: str = "", model: str | None = None) -> Path:
+    """Where a cache entry lives: `cache/<stage>/<key><suffix>`, or `cache/<stage>/<model>/<key><suffix>` for the
+    stages kept per model (PER_MODEL_STAGES; `model` is a model name, made a folder name by `paths.model_slug`)."""
+    if (model is not None) != (stage in PER_MODEL_STAGES):
+        raise ValueError(f"Cache stage {stage!r} {'needs' if stage in PER_MODEL_STAGES else 'takes no'} model name.")
+    folder = cache_dir() / stage
+    return (folder / paths.model_slug(model) if model is not None else folder) / f"{key}{suffix}"
 
 
 def cache_key(stage: str, version: int, **inputs) -> str:
@@ -85,11 +99,13 @@ def save_tensors(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
 
 
-def cached_tensors(stage: str, key: str, compute: Callable[[], dict[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
-    """Load `cache/<stage>/<key>.safetensors`, or compute, save and return it."""
+def cached_tensors(
+    stage: str, key: str, compute: Callable[[], dict[str, "torch.Tensor"]], model: str | None = None
+) -> dict[str, "torch.Tensor"]:
+    """Load the entry `entry_path(stage, key, ".safetensors", model)`, or compute, save and return it."""
     from safetensors.torch import load_file
 
-    path = CACHE_DIR / stage / f"{key}.safetensors"
+    path = entry_path(stage, key, ".safetensors", model)
     if path.exists():
         return load_file(path)
     tensors = compute()
@@ -99,7 +115,7 @@ def cached_tensors(stage: str, key: str, compute: Callable[[], dict[str, "torch.
 
 # --- Disk use and cleaning ----------------------------------------------------------------------------------------
 def _is_temporary(path: Path, root: Path) -> bool:
-    """A temporary file of `atomic_write` or of a model conversion: its name, or a folder on its path, starts with '.'."""
+    """A temporary file of `atomic_write` or of a model conversion: its name or a folder on its path starts with '.'."""
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
@@ -116,7 +132,7 @@ def cache_info(cache_dir: Path | None = None) -> list[dict]:
     """One row per stage of the cache (`models`, `activations`, `generations/<model>`, ..., `test-outputs`):
     {"stage", "files", "bytes", "temporary"} sorted by stage, where `files`/`bytes` count finished entries and
     `temporary` the temporary files killed runs left behind. Empty when the cache does not exist."""
-    root = Path(cache_dir if cache_dir is not None else CACHE_DIR)
+    root = Path(cache_dir if cache_dir is not None else paths.CACHE_DIR)
     rows: dict[str, dict] = {}
     if not root.is_dir():
         return []
@@ -127,8 +143,9 @@ def cache_info(cache_dir: Path | None = None) -> list[dict]:
                 size = path.lstat().st_size
             except OSError:  # removed while we walk (a concurrent run renamed its temporary file)
                 continue
-            row = rows.setdefault(_stage(path, root), {"stage": _stage(path, root), "files": 0, "bytes": 0,
-                                                       "temporary": 0})
+            row = rows.setdefault(
+                _stage(path, root), {"stage": _stage(path, root), "files": 0, "bytes": 0, "temporary": 0}
+            )
             if _is_temporary(path, root):
                 row["temporary"] += 1
             else:
@@ -149,32 +166,50 @@ def human_size(n: int) -> str:
 
 def format_info(rows: list[dict], cache_dir: Path | None = None) -> str:
     """The table `python -m steer_utils.cache info` prints."""
-    root = Path(cache_dir if cache_dir is not None else CACHE_DIR)
+    root = Path(cache_dir if cache_dir is not None else paths.CACHE_DIR)
     if not rows:
         return f"No cache at {root}."
     width = max(len("total"), *(len(r["stage"]) for r in rows))
     lines = [f"Cache {root}", f"{'stage':<{width}}  {'files':>7}  {'size':>10}  {'temporary':>9}"]
-    for r in rows + [{"stage": "total", "files": sum(r["files"] for r in rows), "bytes": sum(r["bytes"] for r in rows),
-                      "temporary": sum(r["temporary"] for r in rows)}]:
+    for r in rows + [
+        {
+            "stage": "total",
+            "files": sum(r["files"] for r in rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "temporary": sum(r["temporary"] for r in rows),
+        }
+    ]:
         if r["stage"] == "total":
             lines.append("-" * len(lines[1]))
         lines.append(f"{r['stage']:<{width}}  {r['files']:>7}  {human_size(r['bytes']):>10}  {r['temporary']:>9}")
     if any(r["temporary"] for r in rows):
-        lines.append("temporary: files left by interrupted runs, never read; "
-                     "`python -m steer_utils.cache clean-tmp` removes them.")
+        lines.append(
+            "temporary: files left by interrupted runs, never read; "
+            "`python -m steer_utils.cache clean-tmp` removes them."
+        )
     return "\n".join(lines)
 
 
 def _check_removable(root: Path) -> Path:
     """`root` resolved, or a ValueError when deleting it would delete the project, results or figures."""
     root = root.resolve()
-    protected = {paths.ROOT, paths.ROOT / "results", paths.ROOT / "figures", paths.DATA_DIR, paths.NOTEBOOKS_DIR,
-                 Path(paths.RESULTS_DIR), Path(paths.FIGURES_DIR), Path.home()}
+    protected = {
+        paths.ROOT,
+        paths.ROOT / "results",
+        paths.ROOT / "figures",
+        paths.DATA_DIR,
+        paths.NOTEBOOKS_DIR,
+        Path(paths.RESULTS_DIR),
+        Path(paths.FIGURES_DIR),
+        Path.home(),
+    }
     for path in protected:
         path = path.resolve()
         if path == root or root in path.parents:
-            raise ValueError(f"Refusing to delete the cache at {root}: it contains {path}. Point STEER_CACHE_DIR at "
-                             "a folder of its own (results/ and figures/ are never removed).")
+            raise ValueError(
+                f"Refusing to delete the cache at {root}: it contains {path}. Point STEER_CACHE_DIR at "
+                "a folder of its own (results/ and figures/ are never removed)."
+            )
     return root
 
 
@@ -182,7 +217,7 @@ def clean(cache_dir: Path | None = None, temporary_only: bool = False) -> int:
     """Delete the cache folder (or only the temporary files of killed runs); returns the bytes freed.
 
     Never touches results/ or figures/: it refuses a cache folder that contains them (or the project)."""
-    root = Path(cache_dir if cache_dir is not None else CACHE_DIR)
+    root = Path(cache_dir if cache_dir is not None else paths.CACHE_DIR)
     if not root.exists():
         return 0
     root = _check_removable(root)
@@ -211,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["info", "clean-tmp", "clean"])
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: STEER_CACHE_DIR or ./cache")
     args = parser.parse_args(argv)
-    root = args.cache_dir if args.cache_dir is not None else CACHE_DIR
+    root = args.cache_dir if args.cache_dir is not None else cache_dir()
     if args.command == "info":
         print(format_info(cache_info(root), root))
         return 0

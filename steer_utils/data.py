@@ -6,6 +6,7 @@ so the same code serves every fast tokenizer and chat template:
 - the shared tail: the tokens that start after the user text (for SmolLM2
   `<|im_end|>\\n<|im_start|>assistant\\n`), identical for every prompt of a model.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -43,8 +44,9 @@ def read_lines(path: Path, what: str) -> list[str]:
     """Non-blank stripped lines of a UTF-8 file; errors on a missing, empty or duplicated list."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file '{path}' does not exist; check the path (a UTF-8 text file, one entry "
-                                "per line).")
+        raise FileNotFoundError(
+            f"{what} file '{path}' does not exist; check the path (a UTF-8 text file, one entry per line)."
+        )
     lines = [unicodedata.normalize("NFC", line.strip()) for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
@@ -99,10 +101,13 @@ def development_concepts(n_per_class: int | None = None, concepts_dir: Path = CO
     """The development split (4 concepts per class; the first `n_per_class` of each), on which protocol choices are
     made; never reported."""
     most = len(DEVELOPMENT_POSITIONS)
-    if n_per_class is not None and (isinstance(n_per_class, bool) or not isinstance(n_per_class, int)
-                                    or not 1 <= n_per_class <= most):
-        raise ValueError(f"The development split has {most} concepts per class; n_per_class must be 1..{most} or "
-                         f"None (all), got {n_per_class!r}.")
+    if n_per_class is not None and (
+        isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or not 1 <= n_per_class <= most
+    ):
+        raise ValueError(
+            f"The development split has {most} concepts per class; n_per_class must be 1..{most} or "
+            f"None (all), got {n_per_class!r}."
+        )
     rows = _development_rows(all_concepts(concepts_dir))
     return rows.groupby("concept_class", sort=False).head(n_per_class or most).reset_index(drop=True)
 
@@ -137,26 +142,34 @@ def named_concepts(concepts: list[str] | str | Path, concepts_dir: Path = CONCEP
     elif isinstance(concepts, (list, tuple)) and concepts and all(isinstance(c, str) for c in concepts):
         entries = [unicodedata.normalize("NFC", c.strip()) for c in concepts]
     else:
-        raise ValueError(f"concepts must be a list of 'class/name' strings or a file path, got {concepts!r}; "
-                         "e.g. ['fears/heights', 'places/Lisbon'].")
+        raise ValueError(
+            f"concepts must be a list of 'class/name' strings or a file path, got {concepts!r}; "
+            "e.g. ['fears/heights', 'places/Lisbon']."
+        )
     table, rows = all_concepts(concepts_dir), []
     for entry in entries:
         concept_class, _, name = (part.strip() for part in entry.partition("/"))
         if not name:
-            raise ValueError(f"Concept {entry!r} is not written 'class/name'; e.g. 'moods/Cheerful' "
-                             f"(classes: {', '.join(CLASSES)}).")
+            raise ValueError(
+                f"Concept {entry!r} is not written 'class/name'; e.g. 'moods/Cheerful' (classes: {', '.join(CLASSES)})."
+            )
         check_class(concept_class)
         known = table[(table.concept_class == concept_class) & (table.concept.str.casefold() == name.casefold())]
         if not len(known):
-            raise ValueError(f"Concept {entry!r} is not in data/concepts/{concept_class}.txt; the judge scores "
-                             "a response by ranking the class's concepts, so add the name to that file first.")
-        rows.append({"concept_class": concept_class, "concept": known.concept.iloc[0],
-                     "index": int(known["index"].iloc[0])})
+            raise ValueError(
+                f"Concept {entry!r} is not in data/concepts/{concept_class}.txt; the judge scores "
+                "a response by ranking the class's concepts, so add the name to that file first."
+            )
+        rows.append(
+            {"concept_class": concept_class, "concept": known.concept.iloc[0], "index": int(known["index"].iloc[0])}
+        )
     frame = pd.DataFrame(rows)
     repeated = frame[frame.duplicated(["concept_class", "concept"])]
     if len(repeated):
-        raise ValueError(f"Concepts given twice: {(repeated.concept_class + '/' + repeated.concept).tolist()[:5]}; "
-                         "remove the repeats.")
+        raise ValueError(
+            f"Concepts given twice: {(repeated.concept_class + '/' + repeated.concept).tolist()[:5]}; "
+            "remove the repeats."
+        )
     return frame
 
 
@@ -241,8 +254,9 @@ def special_token_ids(tokenizer) -> frozenset[int]:
     return ids
 
 
-def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str | None = None,
-                  system: str | None = None) -> EncodedPrompt:
+def encode_prompt(
+    tokenizer, user: str, prefix: str | None = None, concept: str | None = None, system: str | None = None
+) -> EncodedPrompt:
     """Render and tokenize one prompt (with `system` as in `render_prompt`), locating the prefix span and the tail
     after the user text."""
     if not getattr(tokenizer, "is_fast", False):
@@ -250,8 +264,10 @@ def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str 
     text = render_prompt(tokenizer, user, system)
     user_char = text.rfind(user)
     if user_char < 0:
-        raise ValueError("The chat template altered the user text, so token positions cannot be located; use a "
-                         "template that inserts the message content verbatim (no trim, upper or escape filters).")
+        raise ValueError(
+            "The chat template altered the user text, so token positions cannot be located; use a "
+            "template that inserts the message content verbatim (no trim, upper or escape filters)."
+        )
     user_char_end = user_char + len(user)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
@@ -260,10 +276,12 @@ def encode_prompt(tokenizer, user: str, prefix: str | None = None, concept: str 
     special = special_token_ids(tokenizer)
     markup = [i for i in range(user_start, tail_start) if enc["input_ids"][i] in special]
     if markup:  # e.g. a concept containing "<|im_end|>": the model would read it as chat structure
-        token = text[offsets[markup[0]][0]:offsets[markup[0]][1]] or tokenizer.decode([enc["input_ids"][markup[0]]])
+        token = text[offsets[markup[0]][0] : offsets[markup[0]][1]] or tokenizer.decode([enc["input_ids"][markup[0]]])
         where = f"concept {concept!r}" if concept else "the statement"
-        raise ValueError(f"The prompt text of {where} contains the special token {token!r}, which the model would "
-                         "read as chat markup; remove it from the concept or statement.")
+        raise ValueError(
+            f"The prompt text of {where} contains the special token {token!r}, which the model would "
+            "read as chat markup; remove it from the concept or statement."
+        )
     span = None
     if prefix is not None:
         p_start = text.find(prefix, user_char, user_char_end)
@@ -289,12 +307,15 @@ def paired_prompts(tokenizer, concept_class: str, concept: str, statements: list
     """(prefixed, unprefixed) EncodedPrompts for one concept, one pair per statement (`system`: see `render_prompt`)."""
     prefix = prefix_text(concept_class, concept)
     prefixed, plain = paired_messages(concept_class, concept, statements)
-    return ([encode_prompt(tokenizer, m, prefix, concept, system) for m in prefixed],
-            [encode_prompt(tokenizer, m, system=system) for m in plain])
+    return (
+        [encode_prompt(tokenizer, m, prefix, concept, system) for m in prefixed],
+        [encode_prompt(tokenizer, m, system=system) for m in plain],
+    )
 
 
-def neighbour_concepts(concept_class: str, concept: str, k: int, after: bool = True,
-                       concepts_dir: Path = CONCEPTS_DIR) -> list[str]:
+def neighbour_concepts(
+    concept_class: str, concept: str, k: int, after: bool = True, concepts_dir: Path = CONCEPTS_DIR
+) -> list[str]:
     """The k concepts that follow `concept` in its class's benchmark list (or precede it, `after=False`), wrapping
     around the list's end; the class-contrastive negatives of a concept (those after it) and the held-out concepts
     its separation is measured against (those before it)."""
@@ -325,16 +346,24 @@ def tail_token_names(tokenizer, tail_ids: list[int]) -> list[str]:
     return [tokenizer.decode([t]).replace("\n", "\\n") for t in tail_ids]
 
 
-
 def prompt_token_table(tokenizer, prompt: EncodedPrompt, n_tail: int) -> pd.DataFrame:
     """One row per token of a prompt: position, id, token text and its part (template/prefix/user/tail)."""
     span = prompt.prefix_span or (-1, -1)
     tail_from = len(prompt.input_ids) - n_tail
     rows = []
     for pos, tok in enumerate(prompt.input_ids):
-        part = ("tail" if pos >= tail_from else "prefix" if span[0] <= pos < span[1]
-                else "user" if prompt.user_start <= pos < prompt.tail_start else "template")
-        rows.append({"position": pos, "token_id": tok, "token": tokenizer.decode([tok]).replace("\n", "\\n"), "part": part})
+        part = (
+            "tail"
+            if pos >= tail_from
+            else "prefix"
+            if span[0] <= pos < span[1]
+            else "user"
+            if prompt.user_start <= pos < prompt.tail_start
+            else "template"
+        )
+        rows.append(
+            {"position": pos, "token_id": tok, "token": tokenizer.decode([tok]).replace("\n", "\\n"), "part": part}
+        )
     return pd.DataFrame(rows)
 
 
@@ -350,16 +379,20 @@ def prefix_lengths(tokenizer, concepts: pd.DataFrame, statement: str) -> pd.Data
 def statement_lengths(tokenizer, statements: list[str]) -> pd.DataFrame:
     """One row per statement: its words and tokens (without the chat template)."""
     tokens = tokenizer(statements, add_special_tokens=False)["input_ids"]
-    return pd.DataFrame({"statement": statements, "n_words": [len(s.split()) for s in statements],
-                         "n_tokens": [len(t) for t in tokens]})
+    return pd.DataFrame(
+        {"statement": statements, "n_words": [len(s.split()) for s in statements], "n_tokens": [len(t) for t in tokens]}
+    )
 
 
-def data_summary(lengths: pd.DataFrame, sample: pd.DataFrame, statements: pd.DataFrame, n_used: int,
-                 tail: list[str]) -> pd.DataFrame:
+def data_summary(
+    lengths: pd.DataFrame, sample: pd.DataFrame, statements: pd.DataFrame, n_used: int, tail: list[str]
+) -> pd.DataFrame:
     """One row per class: benchmark and sample sizes, prefix and statement token lengths, the shared tail."""
     summary = lengths.groupby("concept_class", sort=False).agg(
-        n_concepts=("concept", "size"), prefix_tokens_mean=("prefix_tokens", "mean"),
-        prefix_tokens_max=("prefix_tokens", "max"))
+        n_concepts=("concept", "size"),
+        prefix_tokens_mean=("prefix_tokens", "mean"),
+        prefix_tokens_max=("prefix_tokens", "max"),
+    )
     summary["n_sampled"] = sample.groupby("concept_class", sort=False).size()
     summary["n_statements"] = len(statements)
     summary["n_statements_used"] = n_used
@@ -379,8 +412,10 @@ def shard_concepts(sample: pd.DataFrame, shard_index: int, num_shards: int) -> p
 
     shard_index, num_shards = check_shard(shard_index, num_shards)
     if num_shards > len(sample):
-        raise ValueError(f"num_shards={num_shards} exceeds the {len(sample)} concepts of the sample, so some shards "
-                         f"would be empty; use at most {len(sample)} shards.")
+        raise ValueError(
+            f"num_shards={num_shards} exceeds the {len(sample)} concepts of the sample, so some shards "
+            f"would be empty; use at most {len(sample)} shards."
+        )
     if num_shards == 1:
         return sample.copy()
     return sample.iloc[shard_index::num_shards].reset_index(drop=True)

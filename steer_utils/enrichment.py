@@ -13,6 +13,7 @@ Scattered is the default because contiguous is too coarse: with ~31 user tokens 
 (`min_attainable_pvalue`). A block's enrichment score is the share of significant (statement, head) tests, optionally
 after Benjamini-Hochberg FDR control over all tests; `select_blocks` picks the top/bottom/random k blocks to steer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,8 +40,9 @@ def min_attainable_pvalue(user_length: int, prefix_length: int, null: str, n_dra
     if null not in NULLS:
         raise ValueError(f"Unknown null '{null}'; use one of: {', '.join(NULLS)}.")
     if not 1 <= prefix_length <= user_length or n_draws < 1:
-        raise ValueError(f"Need 1 <= prefix_length={prefix_length} <= user_length={user_length} and n_draws={n_draws} "
-                         ">= 1.")
+        raise ValueError(
+            f"Need 1 <= prefix_length={prefix_length} <= user_length={user_length} and n_draws={n_draws} >= 1."
+        )
     return 1.0 / (1 + _null_size(user_length, prefix_length, null, n_draws)[0])
 
 
@@ -59,8 +61,14 @@ def _null_sets(m: int, start: int, length: int, null: str, n_draws: int, generat
     return torch.rand(n_draws, m, generator=generator).argsort(dim=1)[:, :length]  # Monte Carlo, duplicates allowed
 
 
-def permutation_pvalues(rows: torch.Tensor, user_lengths: torch.Tensor, prefix_spans: torch.Tensor,
-                        null: str = "scattered", n_draws: int = 1000, seed: int = 0) -> torch.Tensor:
+def permutation_pvalues(
+    rows: torch.Tensor,
+    user_lengths: torch.Tensor,
+    prefix_spans: torch.Tensor,
+    null: str = "scattered",
+    n_draws: int = 1000,
+    seed: int = 0,
+) -> torch.Tensor:
     """Per-(prompt, block, head) p-values, (n, n_blocks, n_heads) float64, for "the head favours the prefix span".
 
     rows: (n, n_blocks, n_heads, W) attention over user-text columns; columns >= user_lengths[i] are padding.
@@ -74,17 +82,23 @@ def permutation_pvalues(rows: torch.Tensor, user_lengths: torch.Tensor, prefix_s
         raise ValueError(f"rows must be (n, n_blocks, n_heads, W), got shape {tuple(rows.shape)}.")
     n, n_blocks, n_heads, width = rows.shape
     if user_lengths.shape != (n,) or prefix_spans.shape != (n, 2):
-        raise ValueError(f"user_lengths must be ({n},) and prefix_spans ({n}, 2) to match rows; got "
-                         f"{tuple(user_lengths.shape)} and {tuple(prefix_spans.shape)}.")
+        raise ValueError(
+            f"user_lengths must be ({n},) and prefix_spans ({n}, 2) to match rows; got "
+            f"{tuple(user_lengths.shape)} and {tuple(prefix_spans.shape)}."
+        )
     selections, groups = [], {}
     for i, (m, (start, end)) in enumerate(zip(user_lengths.tolist(), prefix_spans.tolist())):
         if not 1 <= m <= width:
             raise ValueError(f"user_lengths[{i}]={m} must be in 1..{width} (the width of rows).")
         if not 0 <= start < end <= m:
-            raise ValueError(f"prefix_spans[{i}]=[{start}, {end}) must be a non-empty span inside the {m} user "
-                             f"columns; pass [start, end) relative to the first user-text token.")
+            raise ValueError(
+                f"prefix_spans[{i}]=[{start}, {end}) must be a non-empty span inside the {m} user "
+                f"columns; pass [start, end) relative to the first user-text token."
+            )
         generator = torch.Generator().manual_seed((seed << 32) + i)  # draws depend on (seed, prompt) only
-        indices = torch.cat([torch.arange(start, end)[None], _null_sets(m, start, end - start, null, n_draws, generator)])
+        indices = torch.cat(
+            [torch.arange(start, end)[None], _null_sets(m, start, end - start, null, n_draws, generator)]
+        )
         selections.append(torch.zeros(len(indices), m, dtype=torch.float64).scatter_(1, indices, 1.0))  # (1 + N, m)
         groups.setdefault(selections[-1].shape, []).append(i)
     flat = rows.reshape(n, n_blocks * n_heads, width)
@@ -92,8 +106,8 @@ def permutation_pvalues(rows: torch.Tensor, user_lengths: torch.Tensor, prefix_s
     for (size, m), members in groups.items():  # prompts sharing (1 + N_null, m): batched, in bounded chunks
         chunk = max(1, CHUNK_ELEMENTS // max(1, n_blocks * n_heads * size))
         for lo in range(0, len(members), chunk):
-            index = torch.tensor(members[lo:lo + chunk])
-            selection = torch.stack([selections[i] for i in members[lo:lo + chunk]])  # (g, 1 + N, m)
+            index = torch.tensor(members[lo : lo + chunk])
+            selection = torch.stack([selections[i] for i in members[lo : lo + chunk]])  # (g, 1 + N, m)
             stats = flat[index, :, :m].to(torch.float64) @ selection.transpose(1, 2)  # (g, n_blocks * n_heads, 1 + N)
             at_least = (stats[..., 1:] >= stats[..., :1] - TIE_TOLERANCE).sum(dim=-1)  # observed set is column 0
             pvalues[index] = (1 + at_least).to(torch.float64) / size
@@ -126,8 +140,14 @@ def evidence(pvalues: torch.Tensor) -> torch.Tensor:
     return -pvalues.log10().mean(dim=(0, 2))
 
 
-def select_blocks(scores: torch.Tensor, k: int, how: str, seed: int = 0, candidates: Sequence[int] | None = None,
-                  tiebreak: torch.Tensor | None = None) -> list[int]:
+def select_blocks(
+    scores: torch.Tensor,
+    k: int,
+    how: str,
+    seed: int = 0,
+    candidates: Sequence[int] | None = None,
+    tiebreak: torch.Tensor | None = None,
+) -> list[int]:
     """Sorted block indices: the top / bottom / random k candidate blocks by enrichment score, or all candidates.
 
     Equal scores are ordered by `tiebreak` (e.g. `evidence`), then by block index."""
@@ -140,8 +160,10 @@ def select_blocks(scores: torch.Tensor, k: int, how: str, seed: int = 0, candida
     if how == "all":
         return sorted(pool)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"k={k!r} must be a whole number of blocks, got {type(k).__name__}; e.g. k=3, or use "
-                         "k_from_fraction(0.25, n) for a share of the blocks.")
+        raise ValueError(
+            f"k={k!r} must be a whole number of blocks, got {type(k).__name__}; e.g. k=3, or use "
+            "k_from_fraction(0.25, n) for a share of the blocks."
+        )
     if k < 1:
         raise ValueError(f"k={k} must be at least 1; choose k in 1..{len(pool)}.")
     if k > len(pool):
@@ -157,12 +179,18 @@ def select_blocks(scores: torch.Tensor, k: int, how: str, seed: int = 0, candida
 def k_from_fraction(fraction: float, n_candidates: int) -> int:
     """Number of blocks for a fraction of the candidates: round(fraction * n), at least 1."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-        raise ValueError(f"fraction={fraction!r} must be a number in (0, 1], got {type(fraction).__name__}; "
-                         "e.g. 0.25 for a quarter of the blocks.")
+        raise ValueError(
+            f"fraction={fraction!r} must be a number in (0, 1], got {type(fraction).__name__}; "
+            "e.g. 0.25 for a quarter of the blocks."
+        )
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction} must be in (0, 1], e.g. 0.25 for a quarter of the blocks; a fraction "
-                         "above 1 would ask for more blocks than there are.")
+        raise ValueError(
+            f"fraction={fraction} must be in (0, 1], e.g. 0.25 for a quarter of the blocks; a fraction "
+            "above 1 would ask for more blocks than there are."
+        )
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, numbers.Integral) or n_candidates < 1:
-        raise ValueError(f"n_candidates={n_candidates!r} must be a positive integer: the number of blocks "
-                         "to choose from (the steerable blocks).")
+        raise ValueError(
+            f"n_candidates={n_candidates!r} must be a positive integer: the number of blocks "
+            "to choose from (the steerable blocks)."
+        )
     return max(1, round(fraction * n_candidates))

@@ -9,6 +9,7 @@ coefficient), with a 0/1 judge `score`; extra columns are ignored. Two protocols
 Everything is deterministic: bootstraps take a seed, outputs are sorted (settings in order of first
 appearance, classes in benchmark order, then concept and question).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -111,38 +112,53 @@ def _held_out(grid: pd.DataFrame, select: Sequence) -> pd.DataFrame:
     is_sel = grid.question_id.isin(select)
     means = grid[is_sel].groupby([*keys, "coefficient"]).score.mean().rename("_mean").reset_index()
     means["_abs"] = means.coefficient.abs()
-    chosen = (means.sort_values(["_mean", "_abs", "coefficient"], ascending=[False, True, True], kind="stable")
-              .groupby(keys, sort=False).coefficient.first().rename("chosen_coefficient"))
+    chosen = (
+        means.sort_values(["_mean", "_abs", "coefficient"], ascending=[False, True, True], kind="stable")
+        .groupby(keys, sort=False)
+        .coefficient.first()
+        .rename("chosen_coefficient")
+    )
     concepts = grid[keys].drop_duplicates().set_index(keys).index
     no_select = concepts.difference(chosen.index)
     if len(no_select):
-        raise ValueError(f"No select questions {tuple(select)} for {len(no_select)} concept(s), e.g. {list(no_select[:3])}.")
+        raise ValueError(
+            f"No select questions {tuple(select)} for {len(no_select)} concept(s), e.g. {list(no_select[:3])}."
+        )
     rest = grid[~is_sel]
     n_rest = rest.groupby(keys).question_id.nunique().reindex(concepts, fill_value=0)
     too_few = n_rest[n_rest < 2]
     if len(too_few):
-        raise ValueError(f"held_out needs at least 2 questions besides the select questions {tuple(select)}; "
-                         f"{len(too_few)} concept(s) have fewer, e.g. {list(too_few.index[:3])}.")
+        raise ValueError(
+            f"held_out needs at least 2 questions besides the select questions {tuple(select)}; "
+            f"{len(too_few)} concept(s) have fewer, e.g. {list(too_few.index[:3])}."
+        )
     at = rest.join(chosen, on=keys)
     at = at[at.coefficient == at.chosen_coefficient]
-    out = at.groupby(keys).agg(steerability=("score", "mean"), steered_any=("score", "max"),
-                               n_questions=("question_id", "nunique"))
+    out = at.groupby(keys).agg(
+        steerability=("score", "mean"), steered_any=("score", "max"), n_questions=("question_id", "nunique")
+    )
     short = out.n_questions.reindex(concepts, fill_value=0) < n_rest
     if short.any():
-        raise ValueError(f"The chosen coefficient was not generated on every remaining question for "
-                         f"{int(short.sum())} concept(s), e.g. {list(short[short].index[:3])}; complete the grid.")
+        raise ValueError(
+            f"The chosen coefficient was not generated on every remaining question for "
+            f"{int(short.sum())} concept(s), e.g. {list(short[short].index[:3])}; complete the grid."
+        )
     return out.join(chosen).reset_index()
 
 
-def concept_steerability(df: pd.DataFrame, protocol: str = "best_of_grid",
-                         select_questions: Sequence[int] = (0, 1)) -> pd.DataFrame:
+def concept_steerability(
+    df: pd.DataFrame, protocol: str = "best_of_grid", select_questions: Sequence[int] = (0, 1)
+) -> pd.DataFrame:
     """One row per (setting, concept_class, concept): `steerability`, `steered_any`, `n_questions`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}.")
     if protocol == "best_of_grid":
-        out = (best_of_grid(df).groupby(list(CONCEPT_KEYS))
-               .agg(steerability=("steered", "mean"), steered_any=("steered", "max"),
-                    n_questions=("question_id", "size")).reset_index())
+        out = (
+            best_of_grid(df)
+            .groupby(list(CONCEPT_KEYS))
+            .agg(steerability=("steered", "mean"), steered_any=("steered", "max"), n_questions=("question_id", "size"))
+            .reset_index()
+        )
     else:
         select = list(select_questions)
         if not select:
@@ -170,8 +186,9 @@ def bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) ->
     return mean, float(low), float(high)
 
 
-def steerability_table(concept_df: pd.DataFrame, by: Sequence[str] = ("setting", "concept_class"),
-                       n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def steerability_table(
+    concept_df: pd.DataFrame, by: Sequence[str] = ("setting", "concept_class"), n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """Mean steerability with a 95% bootstrap CI over concepts per group, plus an 'all'-classes row."""
     by = list(by)
     if "concept_class" not in by:
@@ -185,8 +202,16 @@ def steerability_table(concept_df: pd.DataFrame, by: Sequence[str] = ("setting",
         parts = [(c, g[g.concept_class == c]) for c in _ordered_classes(g.concept_class)]
         for cls, part in [*parts, (ALL, g)]:
             mean, low, high = bootstrap_ci(part.steerability, n_boot=n_boot, seed=seed)
-            rows.append({**dict(zip(outer, key)), "concept_class": cls, "steerability": mean,
-                         "ci_low": low, "ci_high": high, "n_concepts": len(part)})
+            rows.append(
+                {
+                    **dict(zip(outer, key)),
+                    "concept_class": cls,
+                    "steerability": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n_concepts": len(part),
+                }
+            )
     out = pd.DataFrame(rows)
     return out if "setting" not in outer else _sorted(out, concept_df.setting, ["setting"])
 
@@ -215,12 +240,25 @@ def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) 
     mean, low, high = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)  # validates d; same resamples below
     boot = _boot_means(d, n_boot, seed) if np.ptp(d) else np.full(n_boot, mean)
     p = float(np.clip(2 * min((boot <= 0).mean(), (boot >= 0).mean()), 1 / n_boot, 1.0))
-    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": mean, "ci_low": low, "ci_high": high,
-            "p_value": p, "n": int(a.size)}
+    return {
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "diff": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "n": int(a.size),
+    }
 
 
-def compare_settings(concept_df: pd.DataFrame, setting_a: str, setting_b: str,
-                     value: str = "steerability", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def compare_settings(
+    concept_df: pd.DataFrame,
+    setting_a: str,
+    setting_b: str,
+    value: str = "steerability",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Setting b vs a on the same concepts, per class and 'all': mean diff (b - a), bootstrap CI/p, McNemar."""
     _require(concept_df, ["setting", "concept_class", "concept", value, "steered_any"], "Concept table")
     keys = ["concept_class", "concept"]
@@ -235,8 +273,10 @@ def compare_settings(concept_df: pd.DataFrame, setting_a: str, setting_b: str,
     only_a = sides[0].index.difference(sides[1].index)
     only_b = sides[1].index.difference(sides[0].index)
     if len(only_a) or len(only_b):
-        raise ValueError(f"Settings cover different concepts: only in '{setting_a}': {list(only_a)}; "
-                         f"only in '{setting_b}': {list(only_b)}.")
+        raise ValueError(
+            f"Settings cover different concepts: only in '{setting_a}': {list(only_a)}; "
+            f"only in '{setting_b}': {list(only_b)}."
+        )
     a, b = sides[0], sides[1].reindex(sides[0].index)
     classes = a.index.get_level_values(0)
     rows = []
@@ -244,31 +284,55 @@ def compare_settings(concept_df: pd.DataFrame, setting_a: str, setting_b: str,
         m = np.ones(len(a), bool) if cls == ALL else np.asarray(classes == cls)
         boot = paired_bootstrap(a[value].to_numpy()[m], b[value].to_numpy()[m], n_boot=n_boot, seed=seed)
         mc = mcnemar_exact(a.steered_any.to_numpy()[m], b.steered_any.to_numpy()[m])
-        rows.append({"concept_class": cls, "setting_a": setting_a, "setting_b": setting_b,
-                     "mean_a": boot["mean_a"], "mean_b": boot["mean_b"], "diff": boot["diff"],
-                     "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "p_bootstrap": boot["p_value"],
-                     "n01": mc["n01"], "n10": mc["n10"], "p_mcnemar": mc["p_value"], "n_concepts": int(m.sum())})
+        rows.append(
+            {
+                "concept_class": cls,
+                "setting_a": setting_a,
+                "setting_b": setting_b,
+                "mean_a": boot["mean_a"],
+                "mean_b": boot["mean_b"],
+                "diff": boot["diff"],
+                "ci_low": boot["ci_low"],
+                "ci_high": boot["ci_high"],
+                "p_bootstrap": boot["p_value"],
+                "n01": mc["n01"],
+                "n10": mc["n10"],
+                "p_mcnemar": mc["p_value"],
+                "n_concepts": int(m.sum()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def stack_protocols(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Concatenate per-protocol tables into one, with a leading `protocol` column."""
     return pd.concat([t.assign(protocol=p) for p, t in tables.items()], ignore_index=True).pipe(
-        lambda t: t[["protocol", *[c for c in t.columns if c != "protocol"]]])
+        lambda t: t[["protocol", *[c for c in t.columns if c != "protocol"]]]
+    )
 
 
-def stack_comparisons(per_concept: dict[str, pd.DataFrame], pairs: Sequence[tuple[str, str]],
-                      seed: int = 0) -> pd.DataFrame:
+def stack_comparisons(
+    per_concept: dict[str, pd.DataFrame], pairs: Sequence[tuple[str, str]], seed: int = 0
+) -> pd.DataFrame:
     """`compare_settings` for every protocol and (setting_a, setting_b) pair, in one table."""
-    return stack_protocols({p: pd.concat([compare_settings(frame, a, b, seed=seed) for a, b in pairs],
-                                         ignore_index=True) for p, frame in per_concept.items()})
+    return stack_protocols(
+        {
+            p: pd.concat([compare_settings(frame, a, b, seed=seed) for a, b in pairs], ignore_index=True)
+            for p, frame in per_concept.items()
+        }
+    )
 
 
-def steerability_by(scored: pd.DataFrame, column: str, protocol: str = "best_of_grid", n_boot: int = 2000,
-                    seed: int = 0) -> pd.DataFrame:
+def steerability_by(
+    scored: pd.DataFrame, column: str, protocol: str = "best_of_grid", n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """`steerability_table` separately for each value of `column` (e.g. n_statements), stacked."""
-    parts = [steerability_table(concept_steerability(rows, protocol=protocol), n_boot=n_boot, seed=seed)
-             .assign(**{column: value}) for value, rows in scored.groupby(column, sort=True)]
+    parts = [
+        steerability_table(concept_steerability(rows, protocol=protocol), n_boot=n_boot, seed=seed).assign(
+            **{column: value}
+        )
+        for value, rows in scored.groupby(column, sort=True)
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -277,8 +341,49 @@ def average_draws(concept_df: pd.DataFrame, suffix: str = DRAW_SUFFIX) -> pd.Dat
     concept: mean `steerability` over draws; `steered_any` by majority (a tie counts as not steered)."""
     _require(concept_df, ["setting", "concept_class", "concept", "steerability", "steered_any"], "Concept table")
     merged = concept_df.assign(setting=concept_df.setting.str.replace(suffix, "", regex=True))
-    out = (merged.groupby(list(CONCEPT_KEYS), sort=False)
-           .agg(steerability=("steerability", "mean"), steered_any=("steered_any", "mean"),
-                n_draws=("steerability", "size")).reset_index())
+    out = (
+        merged.groupby(list(CONCEPT_KEYS), sort=False)
+        .agg(
+            steerability=("steerability", "mean"), steered_any=("steered_any", "mean"), n_draws=("steerability", "size")
+        )
+        .reset_index()
+    )
     out["steered_any"] = (out.steered_any > 0.5).astype(int)
     return _sorted(out, merged.setting, CONCEPT_KEYS)
+
+
+def example_generations(scored: pd.DataFrame, per_class: int = 1, question_id: int = 0) -> pd.DataFrame:
+    """Side-by-side responses to one question: per concept and setting, the first scoring coefficient's
+    response (or the smallest coefficient's when none scored), written as '[eps=c, score=s] text'."""
+    concepts = scored.drop_duplicates("concept").groupby("concept_class", sort=False).head(per_class).concept
+    rows = scored[scored.concept.isin(concepts) & (scored.question_id == question_id)]
+    rows = rows.sort_values(["score", "coefficient"], ascending=[False, True], kind="stable")
+    picked = rows.groupby(["concept_class", "concept", "setting"], sort=False).head(1)
+    text = [f"[eps={c:g}, score={s}] {r}" for c, s, r in zip(picked.coefficient, picked.score, picked.response)]
+    wide = picked.assign(example=text).pivot(index=["concept_class", "concept"], columns="setting", values="example")
+    return wide[list(dict.fromkeys(scored.setting))].reset_index()
+
+
+def steering_strip(scored: pd.DataFrame, setting: str, concepts: list[str], question_id: int = 0) -> pd.DataFrame:
+    """What steering does as eps grows: for each concept, the response to one question at every coefficient of
+    one setting, with the judge's score and reason (one row per concept × coefficient, coefficients ascending)."""
+    rows = scored[(scored.setting == setting) & scored.concept.isin(concepts) & (scored.question_id == question_id)]
+    missing = sorted(set(concepts) - set(rows.concept))
+    if missing:
+        raise ValueError(f"No generations of setting {setting!r} for concept(s) {missing} at question {question_id}.")
+    order = {c: i for i, c in enumerate(concepts)}
+    return rows.sort_values(["concept", "coefficient"], key=lambda c: c.map(order) if c.name == "concept" else c)[
+        ["concept_class", "concept", "coefficient", "score", "reason", "response"]
+    ].reset_index(drop=True)
+
+
+def steerability_by_protocol(
+    scored: pd.DataFrame, seed: int = 0, average: bool = False
+) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], pd.DataFrame]:
+    """For each steerability protocol (PROTOCOLS): the per-concept steerability (`concept_steerability`, random
+    draws averaged when `average`) and its `steerability_table`; and those tables stacked (`stack_protocols`)."""
+    per_concept = {p: concept_steerability(scored, protocol=p) for p in PROTOCOLS}
+    if average:
+        per_concept = {p: average_draws(c) for p, c in per_concept.items()}
+    tables = {p: steerability_table(c, seed=seed) for p, c in per_concept.items()}
+    return per_concept, tables, stack_protocols(tables)

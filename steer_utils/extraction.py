@@ -12,6 +12,7 @@ own part) so the tail sits at the last positions; position ids come from the att
 not shift rotary positions. The LM head is never run. `extract_reference` is the slow, obvious loop
 (batch 1, two full passes with `output_hidden_states` / `output_attentions`), kept for tests and the benchmark.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,8 +69,9 @@ def shared_length(prompts: list[EncodedPrompt], n_tail: int) -> int:
     """Length of the token prefix all prompts share, leaving every prompt at least its tail as its own part."""
     first = prompts[0].input_ids
     common = 0
-    while common < len(first) and all(len(p.input_ids) > common and p.input_ids[common] == first[common]
-                                      for p in prompts):
+    while common < len(first) and all(
+        len(p.input_ids) > common and p.input_ids[common] == first[common] for p in prompts
+    ):
         common += 1
     return max(0, min(common, min(len(p.input_ids) for p in prompts) - n_tail))
 
@@ -77,8 +79,12 @@ def shared_length(prompts: list[EncodedPrompt], n_tail: int) -> int:
 def user_layout(prompts: list[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
     """(user-text lengths (n,), prefix spans relative to the user text (n, 2)), the enrichment test's inputs."""
     lengths = torch.tensor([p.tail_start - p.user_start for p in prompts])
-    spans = torch.tensor([[p.prefix_span[0] - p.user_start, p.prefix_span[1] - p.user_start] if p.prefix_span
-                          else [0, 0] for p in prompts])
+    spans = torch.tensor(
+        [
+            [p.prefix_span[0] - p.user_start, p.prefix_span[1] - p.user_start] if p.prefix_span else [0, 0]
+            for p in prompts
+        ]
+    )
     return lengths, spans
 
 
@@ -93,16 +99,24 @@ def _layout(prompts: list[EncodedPrompt], shared: int, pad_id: int):
     columns = []
     for row, prompt in enumerate(prompts):
         own = len(prompt.input_ids) - shared
-        ids[row, width - own:] = torch.tensor(prompt.input_ids[shared:])
-        mask[row, shared:shared + width - own] = 0
+        ids[row, width - own :] = torch.tensor(prompt.input_ids[shared:])
+        mask[row, shared : shared + width - own] = 0
         position = torch.arange(len(prompt.input_ids))
         columns.append(torch.where(position < shared, position, position + width - own))
     return ids, mask, columns
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id: int, batch_size: int = 16,
-            keep_user_attention: bool = False, share_prefix: bool = True, desc: str = "extract") -> Activations:
+def extract(
+    model: nn.Module,
+    prompts: list[EncodedPrompt],
+    n_tail: int,
+    pad_id: int,
+    batch_size: int = 16,
+    keep_user_attention: bool = False,
+    share_prefix: bool = True,
+    desc: str = "extract",
+) -> Activations:
     """Run the prompts through the model's blocks in batches; see the module docstring."""
     from transformers import DynamicCache
 
@@ -118,6 +132,7 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
         def hook(module, args, output):
             if state["active"]:
                 state["hidden"][index] = block_output(output)[:, -n_tail:].float()  # (b, n_tail, d)
+
         return hook
 
     def keep_attention(index):
@@ -133,6 +148,7 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
                 index_ = state["user_columns"][:, None, None, :].expand(-1, rows.shape[1], n_tail, -1)
                 picked = rows.gather(3, index_) * state["user_valid"][:, None, None, :]
                 state["attn_user"][index] = picked.permute(0, 2, 1, 3)
+
         return hook
 
     cache = None
@@ -141,8 +157,11 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
     try:
         if shared:  # the shared part once, batch 1; its keys and values serve every batch
             cache = DynamicCache(config=model.config)
-            base(input_ids=torch.tensor([prompts[0].input_ids[:shared]], device=device), past_key_values=cache,
-                 use_cache=True)
+            base(
+                input_ids=torch.tensor([prompts[0].input_ids[:shared]], device=device),
+                past_key_values=cache,
+                use_cache=True,
+            )
 
         def run(batch: list[EncodedPrompt]) -> dict[str, torch.Tensor]:  # one batch; halved if out of memory
             ids, mask, columns = _layout(batch, shared, pad_id)
@@ -151,21 +170,32 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
             user_valid = torch.zeros((len(batch), user_width))
             for row, prompt in enumerate(batch):
                 if prompt.prefix_span is not None:
-                    prefix[row, columns[row][prompt.prefix_span[0]:prompt.prefix_span[1]]] = 1.0
-                user = columns[row][prompt.user_start:prompt.tail_start]
-                user_columns[row, :len(user)] = user
-                user_valid[row, :len(user)] = 1.0
-            state.update(active=True, hidden=[None] * len(blocks), attn_prefix=[None] * len(blocks),
-                         attn_user=[None] * len(blocks), prefix=prefix.to(device),
-                         user_columns=user_columns.to(device), user_valid=user_valid.to(device))
+                    prefix[row, columns[row][prompt.prefix_span[0] : prompt.prefix_span[1]]] = 1.0
+                user = columns[row][prompt.user_start : prompt.tail_start]
+                user_columns[row, : len(user)] = user
+                user_valid[row, : len(user)] = 1.0
+            state.update(
+                active=True,
+                hidden=[None] * len(blocks),
+                attn_prefix=[None] * len(blocks),
+                attn_user=[None] * len(blocks),
+                prefix=prefix.to(device),
+                user_columns=user_columns.to(device),
+                user_valid=user_valid.to(device),
+            )
             try:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
                 past = None
                 if cache is not None:
                     past = copy.deepcopy(cache)
                     past.batch_repeat_interleave(len(batch))
-                base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                     past_key_values=past, use_cache=past is not None)
+                base(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    past_key_values=past,
+                    use_cache=past is not None,
+                )
                 names = ("hidden", "attn_prefix") + (("attn_user",) if keep_user_attention else ())
                 kept = {name: torch.stack(state[name], dim=1).cpu() for name in names}  # (b, n_blocks, ...)
             finally:  # also after running out of memory: drop what the hooks kept of the failed batch
@@ -180,8 +210,11 @@ def extract(model: nn.Module, prompts: list[EncodedPrompt], n_tail: int, pad_id:
     finally:
         for handle in handles:
             handle.remove()
-    return Activations(hidden=torch.cat(out["hidden"]), attn_prefix=torch.cat(out["attn_prefix"]),
-                       attn_user=torch.cat(out["attn_user"]) if keep_user_attention else None)
+    return Activations(
+        hidden=torch.cat(out["hidden"]),
+        attn_prefix=torch.cat(out["attn_prefix"]),
+        attn_user=torch.cat(out["attn_user"]) if keep_user_attention else None,
+    )
 
 
 @torch.inference_mode()
@@ -198,17 +231,32 @@ def extract_reference(model: nn.Module, prompts: list[EncodedPrompt], n_tail: in
         hidden.append(torch.stack([h[0, -n_tail:] for h in states[1:]]).float())  # (n_blocks, n_tail, d)
         prefix = torch.zeros(len(prompt.input_ids), device=device)
         if prompt.prefix_span is not None:
-            prefix[prompt.prefix_span[0]:prompt.prefix_span[1]] = 1.0
-        attn.append(torch.stack([a[0, :, -n_tail:, :].float() @ prefix for a in attentions]))  # (n_blocks, heads, n_tail)
+            prefix[prompt.prefix_span[0] : prompt.prefix_span[1]] = 1.0
+        attn.append(
+            torch.stack([a[0, :, -n_tail:, :].float() @ prefix for a in attentions])
+        )  # (n_blocks, heads, n_tail)
     return Activations(hidden=torch.stack(hidden).cpu(), attn_prefix=torch.stack(attn).cpu())
 
 
-def extract_cached(model: nn.Module, model_key: str, prompts: list[EncodedPrompt], n_tail: int, pad_id: int,
-                   batch_size: int = 16, keep_user_attention: bool = False, desc: str = "extract") -> Activations:
+def extract_cached(
+    model: nn.Module,
+    model_key: str,
+    prompts: list[EncodedPrompt],
+    n_tail: int,
+    pad_id: int,
+    batch_size: int = 16,
+    keep_user_attention: bool = False,
+    desc: str = "extract",
+) -> Activations:
     """`extract`, cached on disk under a key of (model, dtype, prompt texts and spans, n_tail, code version)."""
     key = cache_key(
-        "activations", EXTRACTION_VERSION, model=model_key, dtype=str(next(model.parameters()).dtype),
-        prompts=[(p.text, p.prefix_span) for p in prompts], n_tail=n_tail, user_attention=keep_user_attention,
+        "activations",
+        EXTRACTION_VERSION,
+        model=model_key,
+        dtype=str(next(model.parameters()).dtype),
+        prompts=[(p.text, p.prefix_span) for p in prompts],
+        n_tail=n_tail,
+        user_attention=keep_user_attention,
     )
 
     def compute() -> dict[str, torch.Tensor]:

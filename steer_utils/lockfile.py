@@ -3,6 +3,7 @@
 Run as `make lock` after changing dependencies. torch is left out of the lock because the
 Makefile installs it first from TORCH (CPU build by default, any build on request).
 """
+
 from __future__ import annotations
 
 import importlib.metadata

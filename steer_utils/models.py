@@ -9,12 +9,12 @@ GGUF files are dequantised once by transformers (slow: ~20 s for SmolLM2, ~70 s 
 and the dense weights are cached as safetensors under `cache/models/`, keyed by the file,
 the package version and the transformers version; later loads take about a second.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 import warnings
@@ -25,10 +25,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .paths import CACHE_DIR
+from .cache import entry_path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Nothing is downloaded at run time: every `from_pretrained` below passes local_files_only=True (no process-wide
+# HF_HUB_OFFLINE, so importing this module changes nothing in the user's environment).
 
 # Used for base models without a chat template (Gemma-3-270M): a plain, documented
 # user/assistant transcript. The generation prompt ends with "Assistant:", so the shared
@@ -135,8 +135,10 @@ def cpu_has_fast_bf16() -> bool:
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo), with whether it has native bf16; for provenance tables."""
-    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
-                "unknown CPU")
+    name = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+        "unknown CPU",
+    )
     return f"{name} ({'native' if cpu_has_fast_bf16() else 'no native'} bf16)"
 
 
@@ -168,8 +170,11 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> tor
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use auto (fp32 on CPU, bf16 on GPU), {', '.join(DTYPES)}.")
     if dtype == "bfloat16" and device == "cpu" and not cpu_has_fast_bf16():
-        warnings.warn("dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16): it is emulated "
-                      "and many times slower than float32 here; use dtype='auto' or 'float32'.", stacklevel=2)
+        warnings.warn(
+            "dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16): it is emulated "
+            "and many times slower than float32 here; use dtype='auto' or 'float32'.",
+            stacklevel=2,
+        )
     return DTYPES[dtype]
 
 
@@ -178,14 +183,16 @@ def _convert_gguf(gguf: Path, key: str) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = CACHE_DIR / "models" / key
+    target = entry_path("models", key)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # the saved weights are dense
         model.config.save_pretrained(tmp)
@@ -239,11 +246,13 @@ def _unknown_model_error(name: str) -> FileNotFoundError:
         return FileNotFoundError(
             f"Folder '{name}' is not a saved model: it needs config.json, the weights and tokenizer files; write them "
             f"with model.save_pretrained('{name}') and tokenizer.save_pretrained('{name}'), or use a bundled name "
-            f"({', '.join(BUNDLED)}).")
+            f"({', '.join(BUNDLED)})."
+        )
     if _looks_like_path(name):
         return FileNotFoundError(
             f"Model path '{name}' does not exist; check the path, or use a bundled name ({', '.join(BUNDLED)}) or a "
-            f"Hugging Face id from the local cache.")
+            f"Hugging Face id from the local cache."
+        )
     return FileNotFoundError(
         f"Model '{name}' is not a bundled name ({', '.join(BUNDLED)}), a local model folder, a .gguf file, "
         f"or a Hugging Face id in the local cache (downloads are off). To add it, fetch it once with "
@@ -254,8 +263,10 @@ def _unknown_model_error(name: str) -> FileNotFoundError:
 def check_model_name(name) -> str:
     """`name` stripped, or a ValueError when it is not a non-empty string."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"Model name must be a non-empty string, got {name!r} ({type(name).__name__}); use a bundled "
-                         f"name ({', '.join(BUNDLED)}), a Hugging Face id or a local path.")
+        raise ValueError(
+            f"Model name must be a non-empty string, got {name!r} ({type(name).__name__}); use a bundled "
+            f"name ({', '.join(BUNDLED)}), a Hugging Face id or a local path."
+        )
     return name.strip()
 
 
@@ -281,7 +292,7 @@ def load_tokenizer(name: str):
 
 
 def template_kind(tokenizer) -> str:
-    """"native" when the tokenizer brought its own chat template, "plain" when we supplied one."""
+    """ "native" when the tokenizer brought its own chat template, "plain" when we supplied one."""
     return "plain" if tokenizer.chat_template == PLAIN_CHAT_TEMPLATE else "native"
 
 

@@ -3,6 +3,7 @@
 Outputs (results, figures) and the cache can be redirected with environment
 variables, so tests and notebook checks never overwrite the committed outputs.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -32,14 +33,18 @@ def check_shard(shard_index: int, num_shards: int) -> tuple[int, int]:
     """`(shard_index, num_shards)` as ints, or a ValueError saying which papermill parameter to fix."""
     for name, value in (("num_shards", num_shards), ("shard_index", shard_index)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"Parameter {name} must be an integer, got {value!r} ({type(value).__name__}); "
-                             f"pass it as e.g. `-p {name} 2` (make: SHARD_INDEX=2 NUM_SHARDS=4).")
+            raise ValueError(
+                f"Parameter {name} must be an integer, got {value!r} ({type(value).__name__}); "
+                f"pass it as e.g. `-p {name} 2` (make: SHARD_INDEX=2 NUM_SHARDS=4)."
+            )
     shard_index, num_shards = int(shard_index), int(num_shards)
     if num_shards < 1:
         raise ValueError(f"Parameter num_shards must be at least 1, got {num_shards}; use 1 for an unsharded run.")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"Parameter shard_index must be in 0..{num_shards - 1} for num_shards={num_shards}, "
-                         f"got {shard_index}; shards are numbered from 0.")
+        raise ValueError(
+            f"Parameter shard_index must be in 0..{num_shards - 1} for num_shards={num_shards}, "
+            f"got {shard_index}; shards are numbered from 0."
+        )
     return shard_index, num_shards
 
 
@@ -67,3 +72,59 @@ def figures_dir(model: str, shard_index: int = 0, num_shards: int = 1, variant: 
     """`figures/<model>/` (or `figures/<model>/shards/<i>-of-<n>/` for a sharded run), created if missing; a
     `variant` is a subfolder, as for `results_dir`."""
     return _output_dir(FIGURES_DIR, model, shard_index, num_shards, variant)
+
+
+# What a notebook reads from other notebooks' results, per model: file in results/<model>/ -> the notebook that
+# writes it. Numbered files sit in the protocol's folder (results/<model>/<variant>/), notebook 00's at the top.
+NOTEBOOK_INPUTS = {
+    "04_multi_model_scaling": {
+        "data_summary.csv": "00_data_prep",
+        "01_steerability.csv": "01_token_selection",
+        "01_generations.csv": "01_token_selection",
+        "01_fits.csv": "01_token_selection",
+        "01_paired_tests.csv": "01_token_selection",
+        "03_enrichment.csv": "03_layer_enrichment",
+    },
+    "05_baselines": {"03_steerability.csv": "03_layer_enrichment"},
+}
+
+
+def missing_inputs(notebook: str, models: list[str], variant: str = "", make_options: str = "") -> list[str]:
+    """One line per results file `notebook` needs (NOTEBOOK_INPUTS) that is missing, naming the make command to run
+    (with `make_options`, e.g. 'PROTOCOL=paper')."""
+    lines = []
+    for model in models:
+        for name, producer in NOTEBOOK_INPUTS.get(notebook, {}).items():
+            path = RESULTS_DIR / model_slug(model) / (variant if name[:2].isdigit() else "") / name
+            if not path.is_file():
+                command = " ".join(filter(None, ("make", producer, f"MODELS={model}", make_options)))
+                lines.append(f"{notebook} needs {path}; run `{command}` first.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m steer_utils.paths check-inputs NOTEBOOK --models M... [--protocol P] (for make)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m steer_utils.paths")
+    parser.add_argument("command", choices=["check-inputs"])
+    parser.add_argument("notebook")
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument(
+        "--protocol", default=None, help="a PROTOCOL of make: its runs read results/<model>/protocol-<name>/"
+    )
+    args = parser.parse_args(argv)
+    variant = ""
+    if args.protocol:  # imports torch; the adopted protocol's folder is results/<model>/ itself
+        from .protocol import output_variant, resolve_protocol
+
+        variant = output_variant(resolve_protocol(args.protocol))
+    missing = missing_inputs(args.notebook, args.models, variant, f"PROTOCOL={args.protocol}" if args.protocol else "")
+    for line in missing:
+        print(line, file=sys.stderr)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
 """Run sizes: `smoke` (tests, minutes), `default` (`make all`), `full` (the paper's benchmark)."""
+
 from __future__ import annotations
 
 import math
@@ -30,15 +31,41 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile("smoke", n_concepts_per_class=1, n_statements=16, n_questions=5, max_new_tokens=24,
-                     sweep_concepts_per_class=1, statement_counts=(8, 16), layer_concepts_per_class=1,
-                     sadi_head_ks=(1, 4), sadi_hidden_ks=(1, 5), sadi_deltas=(1.0, 5.0),
-                     study_concepts_per_class=1, study_coefficients=(0.015, 0.035)),
-    "default": Profile("default", n_concepts_per_class=20, n_statements=64, n_questions=5, max_new_tokens=50,
-                       sweep_concepts_per_class=2, statement_counts=(16, 32, 64), layer_concepts_per_class=3),
-    "full": Profile("full", n_concepts_per_class=None, n_statements=None, n_questions=5, max_new_tokens=50,
-                    sweep_concepts_per_class=10, statement_counts=(50, 100, 200, 400),
-                    layer_concepts_per_class=20),
+    "smoke": Profile(
+        "smoke",
+        n_concepts_per_class=1,
+        n_statements=16,
+        n_questions=5,
+        max_new_tokens=24,
+        sweep_concepts_per_class=1,
+        statement_counts=(8, 16),
+        layer_concepts_per_class=1,
+        sadi_head_ks=(1, 4),
+        sadi_hidden_ks=(1, 5),
+        sadi_deltas=(1.0, 5.0),
+        study_concepts_per_class=1,
+        study_coefficients=(0.015, 0.035),
+    ),
+    "default": Profile(
+        "default",
+        n_concepts_per_class=20,
+        n_statements=64,
+        n_questions=5,
+        max_new_tokens=50,
+        sweep_concepts_per_class=2,
+        statement_counts=(16, 32, 64),
+        layer_concepts_per_class=3,
+    ),
+    "full": Profile(
+        "full",
+        n_concepts_per_class=None,
+        n_statements=None,
+        n_questions=5,
+        max_new_tokens=50,
+        sweep_concepts_per_class=10,
+        statement_counts=(50, 100, 200, 400),
+        layer_concepts_per_class=20,
+    ),
 }
 
 
@@ -53,7 +80,10 @@ def resolve_profile(profile: str, **overrides: int | None) -> Profile:
         raise ValueError(f"Unknown profile '{profile}'; use one of: {', '.join(PROFILES)}.")
     unknown = set(overrides) - (set(Profile.__dataclass_fields__) - {"name"})
     if unknown:
-        raise ValueError(f"Unknown profile field(s) {sorted(unknown)}; use: {', '.join(sorted(Profile.__dataclass_fields__.keys() - {'name'}))}.")
+        raise ValueError(
+            f"Unknown profile field(s) {sorted(unknown)}; use: "
+            f"{', '.join(sorted(Profile.__dataclass_fields__.keys() - {'name'}))}."
+        )
     for key, value in overrides.items():
         _check_size(key, value)
     return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
@@ -114,42 +144,95 @@ def _optional_size(v) -> bool:
 # Papermill parameter -> (what it must be, the check, a correct way to pass it, the hint for a value of the wrong
 # type). `n_*` and `*_per_class` names not listed here must be a positive integer or None.
 PARAMETERS = {
-    "model": ("a non-empty string (a bundled name, a Hugging Face id or a local path)",
-              lambda v: isinstance(v, str) and bool(v.strip()), "-p model smollm2-135m", ""),
-    "profile": (f"one of {', '.join(PROFILES)}", lambda v: isinstance(v, str) and v in PROFILES, "-p profile smoke",
-                ""),
-    "dtype": (lambda: f"one of {', '.join(_dtypes())}", lambda v: isinstance(v, str) and v in _dtypes(),
-              "-p dtype float32", ""),
+    "model": (
+        "a non-empty string (a bundled name, a Hugging Face id or a local path)",
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        "-p model smollm2-135m",
+        "",
+    ),
+    "profile": (
+        f"one of {', '.join(PROFILES)}",
+        lambda v: isinstance(v, str) and v in PROFILES,
+        "-p profile smoke",
+        "",
+    ),
+    "dtype": (
+        lambda: f"one of {', '.join(_dtypes())}",
+        lambda v: isinstance(v, str) and v in _dtypes(),
+        "-p dtype float32",
+        "",
+    ),
     "seed": ("a non-negative integer", lambda v: _is_int(v) and v >= 0, "-p seed 0", _NUMBER_HINT),
-    "n_concepts_per_class": ("a positive integer or None (the profile's value)", _optional_size,
-                             "-p n_concepts_per_class 5", _NUMBER_HINT),
-    "n_statements": ("a positive integer or None (the profile's value)", _optional_size, "-p n_statements 64",
-                     _NUMBER_HINT),
-    "layer_concepts_per_class": ("a positive integer or None (the profile's value)", _optional_size,
-                                 "-p layer_concepts_per_class 3", _NUMBER_HINT),
+    "n_concepts_per_class": (
+        "a positive integer or None (the profile's value)",
+        _optional_size,
+        "-p n_concepts_per_class 5",
+        _NUMBER_HINT,
+    ),
+    "n_statements": (
+        "a positive integer or None (the profile's value)",
+        _optional_size,
+        "-p n_statements 64",
+        _NUMBER_HINT,
+    ),
+    "layer_concepts_per_class": (
+        "a positive integer or None (the profile's value)",
+        _optional_size,
+        "-p layer_concepts_per_class 3",
+        _NUMBER_HINT,
+    ),
     "tune_concepts_per_class": ("a positive integer", _positive_int, "-p tune_concepts_per_class 1", _NUMBER_HINT),
     "n_draws": ("a positive integer", _positive_int, "-p n_draws 1000", _NUMBER_HINT),
     "n_random": ("a positive integer", _positive_int, "-p n_random 3", _NUMBER_HINT),
     "n_depth_bins": ("a positive integer", _positive_int, "-p n_depth_bins 10", _NUMBER_HINT),
-    "fractions": ("a non-empty list of numbers in (0, 1]", _list_of(lambda v: _is_number(v) and 0 < v <= 1),
-                  "-y 'fractions: [0.25, 0.5]'", _LIST_HINT),
-    "eps_grid": ("a non-empty list of positive numbers", _list_of(lambda v: _is_number(v) and v > 0),
-                 "-y 'eps_grid: [0.02, 0.05, 0.1]'", _LIST_HINT),
+    "fractions": (
+        "a non-empty list of numbers in (0, 1]",
+        _list_of(lambda v: _is_number(v) and 0 < v <= 1),
+        "-y 'fractions: [0.25, 0.5]'",
+        _LIST_HINT,
+    ),
+    "eps_grid": (
+        "a non-empty list of positive numbers",
+        _list_of(lambda v: _is_number(v) and v > 0),
+        "-y 'eps_grid: [0.02, 0.05, 0.1]'",
+        _LIST_HINT,
+    ),
     "alpha": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1, "-p alpha 0.01", _NUMBER_HINT),
     "fdr_level": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1, "-p fdr_level 0.05", _NUMBER_HINT),
-    "null": (lambda: f"one of {', '.join(_nulls())}", lambda v: isinstance(v, str) and v in _nulls(),
-             "-p null scattered", ""),
-    "block_set": (lambda: f"one of auto, {', '.join(_block_sets())}",
-                  lambda v: isinstance(v, str) and (v == "auto" or v in _block_sets()), "-p block_set auto", ""),
-    "steering_protocol": ("None (notebook 06's choice), 'paper', or fields such as 'contrast=3,positions=answer' "
-                          "(see protocol.py)", _is_protocol, "-p steering_protocol paper (make: PROTOCOL=paper)", ""),
-    "concepts": ("None (the seeded sample), a file path, or a non-empty list of 'class/name' strings",
-                 lambda v: v is None or (isinstance(v, str) and bool(v.strip()))
-                 or _list_of(lambda c: isinstance(c, str) and bool(c.strip()))(v),
-                 "-y 'concepts: [fears/heights, places/Lisbon]'", _LIST_HINT),
-    "models": ("None or a non-empty list of model names",
-               lambda v: v is None or _list_of(lambda m: isinstance(m, str) and bool(m.strip()))(v),
-               "-y 'models: [smollm2-135m, gemma3-270m]'", _LIST_HINT),
+    "null": (
+        lambda: f"one of {', '.join(_nulls())}",
+        lambda v: isinstance(v, str) and v in _nulls(),
+        "-p null scattered",
+        "",
+    ),
+    "block_set": (
+        lambda: f"one of auto, {', '.join(_block_sets())}",
+        lambda v: isinstance(v, str) and (v == "auto" or v in _block_sets()),
+        "-p block_set auto",
+        "",
+    ),
+    "steering_protocol": (
+        "None (notebook 06's choice), 'paper', or fields such as 'contrast=3,positions=answer' (see protocol.py)",
+        _is_protocol,
+        "-p steering_protocol paper (make: PROTOCOL=paper)",
+        "",
+    ),
+    "concepts": (
+        "None (the seeded sample), a file path, or a non-empty list of 'class/name' strings",
+        lambda v: (
+            v is None
+            or (isinstance(v, str) and bool(v.strip()))
+            or _list_of(lambda c: isinstance(c, str) and bool(c.strip()))(v)
+        ),
+        "-y 'concepts: [fears/heights, places/Lisbon]'",
+        _LIST_HINT,
+    ),
+    "models": (
+        "None or a non-empty list of model names",
+        lambda v: v is None or _list_of(lambda m: isinstance(m, str) and bool(m.strip()))(v),
+        "-y 'models: [smollm2-135m, gemma3-270m]'",
+        _LIST_HINT,
+    ),
 }
 
 
@@ -174,13 +257,17 @@ def check_parameters(**params) -> None:
         if rule is None and (name.startswith("n_") or name.endswith("_per_class")):
             rule = ("a positive integer or None", _optional_size, f"-p {name} 4", _NUMBER_HINT)
         if rule is None:
-            raise ValueError(f"check_parameters has no rule for parameter '{name}'; add one to profiles.PARAMETERS "
-                             f"(known: {', '.join(PARAMETERS)}, shard_index, num_shards).")
+            raise ValueError(
+                f"check_parameters has no rule for parameter '{name}'; add one to profiles.PARAMETERS "
+                f"(known: {', '.join(PARAMETERS)}, shard_index, num_shards)."
+            )
         expected, valid, example, hint = rule
         if not valid(value):
             expected = expected() if callable(expected) else expected
             wrong_type = isinstance(value, str) if hint == _NUMBER_HINT else not isinstance(value, (list, tuple))
-            raise ValueError(f"Parameter {name} must be {expected}, got {_shown(value)} ({type(value).__name__}); "
-                             f"pass e.g. {example}{hint if hint and wrong_type else ''}.")
+            raise ValueError(
+                f"Parameter {name} must be {expected}, got {_shown(value)} ({type(value).__name__}); "
+                f"pass e.g. {example}{hint if hint and wrong_type else ''}."
+            )
     if "shard_index" in params or "num_shards" in params:
         check_shard(params.get("shard_index", 0), params.get("num_shards", 1))

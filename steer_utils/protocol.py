@@ -17,6 +17,7 @@ the paper as this project ran it before that study.
   negatives with label 0 (`data.neighbour_concepts`, the ones after it in the class list), so the vector must tell
   the concept from its class, not only "a role instruction is present".
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -42,13 +43,25 @@ class Protocol:
     contrast: int = 0
 
     def __post_init__(self):
-        for name, allowed in (("scaling", SCALINGS), ("blocks", BLOCK_SPANS), ("positions", POSITIONS),
-                              ("system_prompt", SYSTEM_PROMPTS)):
+        for name, allowed in (
+            ("scaling", SCALINGS),
+            ("blocks", BLOCK_SPANS),
+            ("positions", POSITIONS),
+            ("system_prompt", SYSTEM_PROMPTS),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"Protocol {name}={getattr(self, name)!r} is unknown; use one of: {', '.join(allowed)}.")
-        if isinstance(self.contrast, bool) or not isinstance(self.contrast, int) or not 0 <= self.contrast <= MAX_CONTRAST:
-            raise ValueError(f"Protocol contrast={self.contrast!r} must be an integer in 0..{MAX_CONTRAST} (other "
-                             "concepts of the class used as negatives; 0 = the paper's training).")
+                raise ValueError(
+                    f"Protocol {name}={getattr(self, name)!r} is unknown; use one of: {', '.join(allowed)}."
+                )
+        if (
+            isinstance(self.contrast, bool)
+            or not isinstance(self.contrast, int)
+            or not 0 <= self.contrast <= MAX_CONTRAST
+        ):
+            raise ValueError(
+                f"Protocol contrast={self.contrast!r} must be an integer in 0..{MAX_CONTRAST} (other "
+                "concepts of the class used as negatives; 0 = the paper's training)."
+            )
 
     def changes(self) -> dict:
         """The fields that differ from the paper's protocol (empty for `PAPER`, so its cache keys stay as before)."""
@@ -73,8 +86,10 @@ class Protocol:
         for part in name.split(","):
             key, _, value = part.partition("=")
             if key not in known or not value:
-                raise ValueError(f"Bad protocol {name!r}; write 'paper' or fields such as 'contrast=3,scaling=mean_norm' "
-                                 f"(fields: {', '.join(known)}).")
+                raise ValueError(
+                    f"Bad protocol {name!r}; write 'paper' or fields such as 'contrast=3,scaling=mean_norm' "
+                    f"(fields: {', '.join(known)})."
+                )
             values[key] = int(value) if key == "contrast" and value.isdigit() else value
         return cls(**values)
 
@@ -90,14 +105,16 @@ class Protocol:
             return candidates, 1.0
         k = max(1, round(len(candidates) / 2))
         start = (len(candidates) - k) // 2
-        return candidates[start:start + k], len(candidates) / k
+        return candidates[start : start + k], len(candidates) / k
 
     def scaled(self, vector: ConceptVector, blocks: list[int]) -> ConceptVector:
         """The vector with the norms that eps multiplies: per block, or (mean_norm) their mean over `blocks`."""
         if self.scaling == "block_norm":
             return vector
         mean = sum(vector.norms[b] for b in blocks) / len(blocks)
-        return ConceptVector(vector.directions, {b: mean for b in vector.norms}, dict(vector.metadata, scaling=self.scaling))
+        return ConceptVector(
+            vector.directions, {b: mean for b in vector.norms}, dict(vector.metadata, scaling=self.scaling)
+        )
 
 
 PAPER = Protocol()
@@ -113,8 +130,10 @@ def resolve_protocol(name: str | None) -> Protocol:
     if name is None:
         return ADOPTED
     if not isinstance(name, str):
-        raise ValueError(f"steering_protocol must be None (notebook 06's choice), 'paper' or fields such as "
-                         f"'contrast=3', got {name!r}.")
+        raise ValueError(
+            f"steering_protocol must be None (notebook 06's choice), 'paper' or fields such as "
+            f"'contrast=3', got {name!r}."
+        )
     return Protocol.parse(name)
 
 
@@ -122,4 +141,3 @@ def output_variant(protocol: Protocol) -> str:
     """The results/figures subfolder of a run under `protocol`: '' for `ADOPTED` (the committed tables), else
     'protocol-<name>' (e.g. 'protocol-paper'), so a run off the adopted protocol never overwrites them."""
     return "" if protocol == ADOPTED else f"protocol-{protocol.name}"
-

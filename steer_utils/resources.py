@@ -10,6 +10,7 @@ A row's result does not depend on the other rows of its batch (up to float round
 on some devices): tests check that split and unsplit extraction agree and that greedy generation and SADI give the
 same responses on CPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -85,7 +86,7 @@ def halving_batches(run: Callable[[Sequence[T]], R], items: Sequence[T], batch_s
     size = min(batch_size, _limits.get(what, batch_size))
     outputs, start = [], 0
     while start < len(items):
-        batch = items[start:start + size]
+        batch = items[start : start + size]
         failed = False
         try:
             outputs.append(run(batch))
@@ -96,14 +97,18 @@ def halving_batches(run: Callable[[Sequence[T]], R], items: Sequence[T], batch_s
                 raise OutOfMemory(
                     f"Out of memory in {what} even at batch size 1. Free memory (other processes on the device), "
                     f"use a smaller dtype (dtype='bfloat16'), shorter inputs or fewer new tokens, or a larger "
-                    f"device.") from error
+                    f"device."
+                ) from error
             failed = True  # handled below, outside the except block, so the traceback's tensors can be freed
         if failed:
             new = max(1, len(batch) // 2)
             if what not in _warned:
                 _warned.add(what)
-                warnings.warn(f"out of memory at batch size {len(batch)} in {what}; retrying with {new}",
-                              OutOfMemoryWarning, stacklevel=2)
+                warnings.warn(
+                    f"out of memory at batch size {len(batch)} in {what}; retrying with {new}",
+                    OutOfMemoryWarning,
+                    stacklevel=2,
+                )
             size = new
             _limits[what] = min(_limits.get(what, new), new)
             _free_memory()

@@ -19,6 +19,7 @@ prefill and decode), and (c) runs several (mask, delta) settings in one batched 
 own per-block scale 1 + delta_r * mask_r; a row that does not touch a block is multiplied by exactly 1.0 there,
 which leaves its values bit-identical.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -56,11 +57,14 @@ def _out_proj(block: nn.Module) -> nn.Module:
         module = next((m for path, m in children if path.split(".")[-1] == name), None)
         if module is not None:
             if not hasattr(module, "in_features"):
-                raise ValueError(f"{type(attention).__name__}.{name} has no in_features; site 'head' needs a Linear "
-                                 "output projection (use site 'hidden').")
+                raise ValueError(
+                    f"{type(attention).__name__}.{name} has no in_features; site 'head' needs a Linear "
+                    "output projection (use site 'hidden')."
+                )
             return module
-    raise ValueError(f"{type(attention).__name__} has no output projection named one of {_OUT_PROJ_NAMES}; "
-                     "use site 'hidden'.")
+    raise ValueError(
+        f"{type(attention).__name__} has no output projection named one of {_OUT_PROJ_NAMES}; use site 'hidden'."
+    )
 
 
 def _mlp(block: nn.Module) -> nn.Module:
@@ -84,8 +88,10 @@ def _n_heads(model: nn.Module) -> int:
 def _head_dim(model: nn.Module, o_proj: nn.Module) -> int:
     heads = _n_heads(model)
     if o_proj.in_features % heads:
-        raise ValueError(f"o_proj input width {o_proj.in_features} is not a multiple of {heads} heads; "
-                         "the head layout is unknown, use site 'hidden'.")
+        raise ValueError(
+            f"o_proj input width {o_proj.in_features} is not a multiple of {heads} heads; "
+            "the head layout is unknown, use site 'hidden'."
+        )
     return o_proj.in_features // heads  # Gemma-3: not hidden_size // heads
 
 
@@ -110,8 +116,9 @@ def _left_padding(tokenizer) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def record_last_token(model: nn.Module, tokenizer, user_messages: Sequence[str], sites: Sequence[str] = SITES,
-                      batch_size: int = 16) -> dict[str, torch.Tensor]:
+def record_last_token(
+    model: nn.Module, tokenizer, user_messages: Sequence[str], sites: Sequence[str] = SITES, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
     """Per site, activations at the last prompt token of each chat-templated message, (n, n_blocks, n_elements)
     float32; all sites are recorded in the same forward passes."""
     for site in sites:
@@ -128,11 +135,13 @@ def record_last_token(model: nn.Module, tokenizer, user_messages: Sequence[str],
         def hook(module, args):
             last = args[0][:, -1].float()  # (b, H * head_dim)
             captured[site][index] = last.view(last.shape[0], -1, head_dim).mean(-1)  # (b, H)
+
         return hook
 
     def keep_output(site, index):
         def hook(module, args, output):
             captured[site][index] = (output[0] if isinstance(output, tuple) else output)[:, -1].float()  # (b, d)
+
         return hook
 
     handles = []
@@ -142,16 +151,23 @@ def record_last_token(model: nn.Module, tokenizer, user_messages: Sequence[str],
             modules = site_modules(model, site)
             captured[site] = [None] * len(modules)
             for i, m in enumerate(modules):
-                handles.append(m.register_forward_pre_hook(keep_input(site, i, _head_dim(model, m))) if site == "head"
-                               else m.register_forward_hook(keep_output(site, i)))
+                handles.append(
+                    m.register_forward_pre_hook(keep_input(site, i, _head_dim(model, m)))
+                    if site == "head"
+                    else m.register_forward_hook(keep_output(site, i))
+                )
 
         def run(messages: Sequence[str]) -> dict[str, torch.Tensor]:  # one batch; halved if out of memory
             prompts = [render_prompt(tokenizer, m) for m in messages]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             mask = batch["attention_mask"]  # (b, t), left padded
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift rotary positions
-            base(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
-                 position_ids=positions.to(device), use_cache=False)
+            base(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+            )
             return {site: torch.stack(captured[site], dim=1).cpu() for site in sites}  # (b, n_blocks, n_elements)
 
         with _left_padding(tokenizer), attention_implementation(model, "sdpa"):
@@ -167,8 +183,10 @@ def record_last_token(model: nn.Module, tokenizer, user_messages: Sequence[str],
 def sadi_mask(prefixed: torch.Tensor, plain: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (n_blocks, n_elements) of the top-k elements by mean (prefixed - plain), ranked across all blocks."""
     if prefixed.dim() != 3 or prefixed.shape != plain.shape:
-        raise ValueError(f"Activations must both be (n, n_blocks, n_elements); got {tuple(prefixed.shape)} and "
-                         f"{tuple(plain.shape)}. Record both with the same model, site and number of messages.")
+        raise ValueError(
+            f"Activations must both be (n, n_blocks, n_elements); got {tuple(prefixed.shape)} and "
+            f"{tuple(plain.shape)}. Record both with the same model, site and number of messages."
+        )
     difference = (prefixed.float() - plain.float()).mean(0)  # (n_blocks, n_elements)
     if not 1 <= k <= difference.numel():
         raise ValueError(f"k={k} is out of range; choose 1 <= k <= {difference.numel()} (n_blocks * n_elements).")
@@ -191,15 +209,20 @@ def sadi_scales(masks: Sequence[torch.Tensor], deltas: Sequence[float]) -> dict[
         raise ValueError(f"Masks must all be (n_blocks, n_elements) of one shape; got shapes {sorted(shapes)}.")
     stacked = torch.stack([m.bool().cpu() for m in masks])  # (rows, n_blocks, n_elements)
     delta = torch.tensor([float(d) for d in deltas], dtype=torch.float32)[:, None]  # (rows, 1)
-    return {block: torch.where(stacked[:, block], 1.0 + delta, torch.ones(()))  # (rows, n_elements)
-            for block in range(stacked.shape[1]) if stacked[:, block].any()}
+    return {
+        block: torch.where(stacked[:, block], 1.0 + delta, torch.ones(()))  # (rows, n_elements)
+        for block in range(stacked.shape[1])
+        if stacked[:, block].any()
+    }
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor, positions: str) -> torch.Tensor:
     """x (b, t, w) times scale (rows, w) at the chosen positions; rows is b or 1."""
     if scale.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"The scales have {scale.shape[0]} rows but the batch has {x.shape[0]}; give one row per "
-                         "prompt (or one for all).")
+        raise ValueError(
+            f"The scales have {scale.shape[0]} rows but the batch has {x.shape[0]}; give one row per "
+            "prompt (or one for all)."
+        )
     scale = scale.to(x.device, x.dtype)[:, None, :]  # (rows, 1, w)
     if positions == "all":
         return x * scale
@@ -219,14 +242,17 @@ def intervene(model: nn.Module, scales: dict[int, torch.Tensor], site: str, posi
         if not 0 <= block < len(modules):
             raise ValueError(f"Block {block} does not exist; the model has blocks 0..{len(modules) - 1}.")
         if scale.dim() != 2 or scale.shape[1] != width:
-            raise ValueError(f"Scales for block {block} are {tuple(scale.shape)}; expected (rows, {width}) for "
-                             f"site {site!r}. Build them with sadi_scales from masks of this model and site.")
+            raise ValueError(
+                f"Scales for block {block} are {tuple(scale.shape)}; expected (rows, {width}) for "
+                f"site {site!r}. Build them with sadi_scales from masks of this model and site."
+            )
 
     def head_hook(scale: torch.Tensor, head_dim: int):
         expanded = scale.float().repeat_interleave(head_dim, dim=1)  # (rows, H * head_dim)
 
         def hook(module, args):
             return (_scaled(args[0], expanded, positions), *args[1:])  # o_proj input (b, t, H * head_dim)
+
         return hook
 
     def hidden_hook(scale: torch.Tensor):
@@ -234,6 +260,7 @@ def intervene(model: nn.Module, scales: dict[int, torch.Tensor], site: str, posi
             if isinstance(output, tuple):
                 return (_scaled(output[0], scale, positions), *output[1:])
             return _scaled(output, scale, positions)  # MLP output (b, t, d)
+
         return hook
 
     handles = []
@@ -250,12 +277,22 @@ def intervene(model: nn.Module, scales: dict[int, torch.Tensor], site: str, posi
             handle.remove()
 
 
-def generate_sadi(model: nn.Module, tokenizer, user_messages: Sequence[str], masks: Sequence[torch.Tensor],
-                  deltas: Sequence[float], site: str, positions: str, max_new_tokens: int = 50) -> list[str]:
+def generate_sadi(
+    model: nn.Module,
+    tokenizer,
+    user_messages: Sequence[str],
+    masks: Sequence[torch.Tensor],
+    deltas: Sequence[float],
+    site: str,
+    positions: str,
+    max_new_tokens: int = 50,
+) -> list[str]:
     """Greedy responses in one batched call, row r steered by SADI with masks[r] and deltas[r]."""
     if not len(user_messages) == len(masks) == len(deltas):
-        raise ValueError(f"Got {len(user_messages)} messages, {len(masks)} masks and {len(deltas)} deltas; "
-                         "give one mask and one delta per message.")
+        raise ValueError(
+            f"Got {len(user_messages)} messages, {len(masks)} masks and {len(deltas)} deltas; "
+            "give one mask and one delta per message."
+        )
     scales = sadi_scales(masks, deltas)
 
     def rows_scaled(rows: torch.Tensor):  # the scales of the batch rows still being generated

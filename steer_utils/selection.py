@@ -1,9 +1,10 @@
 """Token selection: which shared tail position each block reads its training features from."""
+
 from __future__ import annotations
 
 import torch
 
-METHODS = ("fixed", "attention")
+TOKEN_SELECTIONS = ("fixed", "attention")  # where a concept vector reads each block: see `select_tokens`
 
 
 def select_tokens(attn_prefix_mean: torch.Tensor, method: str = "attention", fixed_position: int = -1) -> torch.Tensor:
@@ -21,7 +22,7 @@ def select_tokens(attn_prefix_mean: torch.Tensor, method: str = "attention", fix
         return torch.full((n_blocks,), fixed_position % n_tail, dtype=torch.long)
     if method == "attention":
         return attn_prefix_mean.amax(dim=0).argmax(dim=-1)  # (n_blocks, n_tail) -> (n_blocks,)
-    raise ValueError(f"Unknown token selection '{method}'; use one of: {', '.join(METHODS)}.")
+    raise ValueError(f"Unknown token selection '{method}'; use one of: {', '.join(TOKEN_SELECTIONS)}.")
 
 
 def gather_selected(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ judges and summarises into `results/<model>/`), and verifies the merged per-conc
 against the shards' (`verify_merged`). Both checks also run as
 `python -m steer_utils.shards check|verify --model M --notebook NB --num-shards N`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,16 @@ def _concept_pairs(frame: pd.DataFrame) -> list[list[str]]:
     return [[str(k), str(c)] for k, c in zip(frame.concept_class, frame.concept)]
 
 
-def write_manifest(out_dir: Path, notebook: str, model: str, shard_index: int, num_shards: int,
-                   shard: pd.DataFrame, sample: pd.DataFrame, parameters: dict) -> Path | None:
+def write_manifest(
+    out_dir: Path,
+    notebook: str,
+    model: str,
+    shard_index: int,
+    num_shards: int,
+    shard: pd.DataFrame,
+    sample: pd.DataFrame,
+    parameters: dict,
+) -> Path | None:
     """Write `<notebook>.shard.json` (the shard's concepts and parameters) into `out_dir`; None when unsharded."""
     shard_index, num_shards = paths.check_shard(shard_index, num_shards)
     if num_shards == 1:
@@ -52,9 +61,15 @@ def write_manifest(out_dir: Path, notebook: str, model: str, shard_index: int, n
 
     notebook = _notebook_name(notebook)
     params = {k: v for k, v in parameters.items() if k not in SHARD_PARAMETERS}
-    manifest = {"notebook": notebook, "model": model, "shard_index": shard_index, "num_shards": num_shards,
-                "parameters": json.loads(json.dumps(params, default=str)),
-                "concepts": _concept_pairs(shard), "sample": _concept_pairs(sample)}
+    manifest = {
+        "notebook": notebook,
+        "model": model,
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "parameters": json.loads(json.dumps(params, default=str)),
+        "concepts": _concept_pairs(shard),
+        "sample": _concept_pairs(sample),
+    }
     path = Path(out_dir) / f"{notebook}.shard.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
     return path
@@ -77,12 +92,12 @@ def _shard_dir(root: Path, model: str, shard_index: int, num_shards: int, protoc
     return _merged_dir(root, model, protocol) / "shards" / paths.shard_name(shard_index, num_shards)
 
 
-def _make_command(notebook: str, model: str, shard_index: int, num_shards: int, profile: str | None,
-                  protocol: str | None = None) -> str:
+def _make_command(
+    notebook: str, model: str, shard_index: int, num_shards: int, profile: str | None, protocol: str | None = None
+) -> str:
     extra = f" PROFILE={shlex.quote(str(profile))}" if profile is not None else ""
     extra += f" PROTOCOL={shlex.quote(protocol)}" if protocol is not None else ""
-    return (f"make {notebook} MODELS={shlex.quote(model)} SHARD_INDEX={shard_index} "
-            f"NUM_SHARDS={num_shards}{extra}")
+    return f"make {notebook} MODELS={shlex.quote(model)} SHARD_INDEX={shard_index} NUM_SHARDS={num_shards}{extra}"
 
 
 def _profile_of(manifest: dict) -> str | None:
@@ -101,8 +116,14 @@ def _differing_parameters(manifests: list[dict]) -> list[str]:
     return lines
 
 
-def check_shards(model: str, notebook: str, num_shards: int, results_root: Path | None = None,
-                 profile: str | None = None, protocol: str | None = None) -> list[dict]:
+def check_shards(
+    model: str,
+    notebook: str,
+    num_shards: int,
+    results_root: Path | None = None,
+    profile: str | None = None,
+    protocol: str | None = None,
+) -> list[dict]:
     """The manifests of shards 0..n-1 of `notebook`, or one ValueError saying what is wrong and what to run.
 
     Refuses missing shards, manifests that disagree with their folder, shards run with different
@@ -113,8 +134,9 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
     notebook, root = _notebook_name(notebook), Path(results_root or paths.RESULTS_DIR)
     what = f"{notebook} for {model}"
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 2:
-        raise ValueError(f"Merging {what} needs num_shards >= 2, got {num_shards!r}; "
-                         "pass the NUM_SHARDS the shards were run with.")
+        raise ValueError(
+            f"Merging {what} needs num_shards >= 2, got {num_shards!r}; pass the NUM_SHARDS the shards were run with."
+        )
     manifests: dict[int, dict] = {}
     for i in range(num_shards):
         path = _shard_dir(root, model, i, num_shards, protocol) / f"{notebook}.shard.json"
@@ -122,8 +144,10 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
             try:
                 manifests[i] = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"Manifest {path} is unreadable ({err}); rerun shard {i}: "
-                                 f"{_make_command(notebook, model, i, num_shards, profile, protocol)}") from None
+                raise ValueError(
+                    f"Manifest {path} is unreadable ({err}); rerun shard {i}: "
+                    f"{_make_command(notebook, model, i, num_shards, profile, protocol)}"
+                ) from None
     missing = [i for i in range(num_shards) if i not in manifests]
     if missing:
         known = profile or next((_profile_of(m) for m in manifests.values()), None)
@@ -131,29 +155,39 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
         raise ValueError(
             f"Cannot merge {what}: {len(missing)} of {num_shards} shards are missing "
             f"(no {notebook}.shard.json under {_merged_dir(root, model, protocol) / 'shards'}/<i>-of-{num_shards}/): "
-            f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}. Run them first:\n{commands}")
+            f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}. Run them first:\n{commands}"
+        )
     ordered = [manifests[i] for i in range(num_shards)]
     for i, m in enumerate(ordered):
         expected = {"shard_index": i, "num_shards": num_shards, "notebook": notebook, "model": model}
         wrong = [f"{k}={m.get(k)!r} (expected {v!r})" for k, v in expected.items() if m.get(k) != v]
         if wrong:
-            raise ValueError(f"The manifest of shard {paths.shard_name(i, num_shards)} of {what} does not match "
-                             f"its folder: {', '.join(wrong)}; it was copied from elsewhere. Rerun the shard: "
-                             f"{_make_command(notebook, model, i, num_shards, profile, protocol)}")
+            raise ValueError(
+                f"The manifest of shard {paths.shard_name(i, num_shards)} of {what} does not match "
+                f"its folder: {', '.join(wrong)}; it was copied from elsewhere. Rerun the shard: "
+                f"{_make_command(notebook, model, i, num_shards, profile, protocol)}"
+            )
     differing = _differing_parameters(ordered)
     if differing:
-        raise ValueError(f"The shards of {what} ran with different parameters:\n  " + "\n  ".join(differing)
-                         + "\nRerun the odd shards with the parameters of the others.")
+        raise ValueError(
+            f"The shards of {what} ran with different parameters:\n  "
+            + "\n  ".join(differing)
+            + "\nRerun the odd shards with the parameters of the others."
+        )
     ran_with = _profile_of(ordered[0])
     if profile is not None and ran_with is not None and ran_with != profile:
-        raise ValueError(f"The shards of {what} ran with profile {ran_with!r}, but the merge would use "
-                         f"{profile!r}; run make merge ... PROFILE={ran_with}.")
+        raise ValueError(
+            f"The shards of {what} ran with profile {ran_with!r}, but the merge would use "
+            f"{profile!r}; run make merge ... PROFILE={ran_with}."
+        )
     sample = [tuple(c) for c in ordered[0]["sample"]]
     odd = [i for i, m in enumerate(ordered) if [tuple(c) for c in m["sample"]] != sample]
     if odd:
-        raise ValueError(f"The shards of {what} split different concept samples (shards {', '.join(map(str, odd))} "
-                         "differ from shard 0): they ran with different code or sample settings. "
-                         "Rerun them with the same code and parameters.")
+        raise ValueError(
+            f"The shards of {what} split different concept samples (shards {', '.join(map(str, odd))} "
+            "differ from shard 0): they ran with different code or sample settings. "
+            "Rerun them with the same code and parameters."
+        )
     owners: dict[tuple, list[int]] = {}
     for i, m in enumerate(ordered):
         for concept in m["concepts"]:
@@ -161,22 +195,28 @@ def check_shards(model: str, notebook: str, num_shards: int, results_root: Path 
     overlap = {c: s for c, s in owners.items() if len(s) > 1}
     if overlap:
         listed = "; ".join(f"{k}/{c} in shards {', '.join(map(str, s))}" for (k, c), s in list(overlap.items())[:10])
-        raise ValueError(f"The shards of {what} overlap: {len(overlap)} concepts are in more than one shard "
-                         f"({listed}). Each concept must be in exactly one shard; rerun the shards with the "
-                         "same NUM_SHARDS and code.")
+        raise ValueError(
+            f"The shards of {what} overlap: {len(overlap)} concepts are in more than one shard "
+            f"({listed}). Each concept must be in exactly one shard; rerun the shards with the "
+            "same NUM_SHARDS and code."
+        )
     in_sample = set(sample)
     strays = [c for c in owners if c not in in_sample]
     if strays:
-        raise ValueError(f"The shards of {what} hold {len(strays)} concepts that are not in the sample "
-                         f"(e.g. {strays[0][0]}/{strays[0][1]}); rerun the shards with the same code and parameters.")
+        raise ValueError(
+            f"The shards of {what} hold {len(strays)} concepts that are not in the sample "
+            f"(e.g. {strays[0][0]}/{strays[0][1]}); rerun the shards with the same code and parameters."
+        )
     lacking = [(pos, c) for pos, c in enumerate(sample) if c not in owners]
     if lacking:
         due = sorted({pos % num_shards for pos, _ in lacking})  # round-robin: position i goes to shard i % n
         listed = ", ".join(f"{k}/{c}" for _, (k, c) in lacking[:10])
-        raise ValueError(f"The shards of {what} are incomplete: {len(lacking)} of {len(sample)} concepts are in "
-                         f"no shard ({listed}); they belong to shard{'s' if len(due) > 1 else ''} "
-                         f"{', '.join(map(str, due))}. Rerun "
-                         + "; ".join(_make_command(notebook, model, i, num_shards, ran_with, protocol) for i in due))
+        raise ValueError(
+            f"The shards of {what} are incomplete: {len(lacking)} of {len(sample)} concepts are in "
+            f"no shard ({listed}); they belong to shard{'s' if len(due) > 1 else ''} "
+            f"{', '.join(map(str, due))}. Rerun "
+            + "; ".join(_make_command(notebook, model, i, num_shards, ran_with, protocol) for i in due)
+        )
     return ordered
 
 
@@ -219,8 +259,9 @@ def _keys(frame: pd.DataFrame) -> pd.Series:
     return frame.concept
 
 
-def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path | None = None,
-                  protocol: str | None = None) -> int:
+def verify_merged(
+    model: str, notebook: str, num_shards: int, results_root: Path | None = None, protocol: str | None = None
+) -> int:
     """Check the merged per-concept tables in `results/<model>/` against every shard's; the rows verified.
 
     Tables are the notebook's `<NN>_*.csv` files with a `concept` column found in every shard. A table
@@ -233,32 +274,42 @@ def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path
     merged_dir = _merged_dir(root, model, protocol)
     dirs = [_shard_dir(root, model, i, num_shards, protocol) for i in range(num_shards)]
     prefix = notebook.split("_")[0] + "_"
-    names = sorted(p.name for p in dirs[0].glob(f"{prefix}*.csv")
-                   if all((d / p.name).is_file() for d in dirs)
-                   and "concept" in pd.read_csv(p, nrows=0).columns)
+    names = sorted(
+        p.name
+        for p in dirs[0].glob(f"{prefix}*.csv")
+        if all((d / p.name).is_file() for d in dirs) and "concept" in pd.read_csv(p, nrows=0).columns
+    )
     if not names:
-        raise ValueError(f"No per-concept tables ({prefix}*.csv with a concept column) are in every shard of "
-                         f"{notebook} for {model} under {merged_dir / 'shards'}; did every shard run to the end?")
+        raise ValueError(
+            f"No per-concept tables ({prefix}*.csv with a concept column) are in every shard of "
+            f"{notebook} for {model} under {merged_dir / 'shards'}; did every shard run to the end?"
+        )
     verified = 0
     for name in names:
         merged_path = merged_dir / name
         if not merged_path.is_file():
-            raise ValueError(f"{merged_path} is missing: run the notebook unsharded first "
-                             f"(make merge NOTEBOOK={notebook} NUM_SHARDS={num_shards} does).")
+            raise ValueError(
+                f"{merged_path} is missing: run the notebook unsharded first "
+                f"(make merge NOTEBOOK={notebook} NUM_SHARDS={num_shards} does)."
+            )
         merged, tables = _read_table(merged_path), [_read_table(d / name) for d in dirs]
         merged_keys = set(_keys(merged))
         union = set().union(*(set(_keys(t)) for t in tables))
         if merged_keys != union and name.endswith("_generations.csv"):
-            raise ValueError(f"{merged_path} covers {len(merged_keys)} concepts but the shards' {name} together "
-                             f"cover {len(union)} ({len(merged_keys - union)} only merged, "
-                             f"{len(union - merged_keys)} only in shards): the merge ran with other parameters "
-                             "than the shards; rerun make merge with the shards' PROFILE and parameters.")
+            raise ValueError(
+                f"{merged_path} covers {len(merged_keys)} concepts but the shards' {name} together "
+                f"cover {len(union)} ({len(merged_keys - union)} only merged, "
+                f"{len(union - merged_keys)} only in shards): the merge ran with other parameters "
+                "than the shards; rerun make merge with the shards' PROFILE and parameters."
+            )
         for i, shard in enumerate(tables):
             rerun = _make_command(notebook, model, i, num_shards, profile, protocol)
             if list(shard.columns) != list(merged.columns):
-                raise ValueError(f"{name} of shard {paths.shard_name(i, num_shards)} has columns "
-                                 f"{list(shard.columns)}, the merged one {list(merged.columns)}: the shard ran "
-                                 f"with different code; rerun it: {rerun}")
+                raise ValueError(
+                    f"{name} of shard {paths.shard_name(i, num_shards)} has columns "
+                    f"{list(shard.columns)}, the merged one {list(merged.columns)}: the shard ran "
+                    f"with different code; rerun it: {rerun}"
+                )
             keys = set(_keys(shard)) if merged_keys == union else set(_keys(shard)) & merged_keys
             mine, theirs = merged[_keys(merged).isin(keys)], shard[_keys(shard).isin(keys)]
             bad = _differing_rows(mine, theirs)
@@ -267,7 +318,8 @@ def verify_merged(model: str, notebook: str, num_shards: int, results_root: Path
                     f"{merged_path} differs from shard {paths.shard_name(i, num_shards)}'s "
                     f"{dirs[i] / name} in {bad} of {max(len(mine), len(theirs))} rows: the shard ran with "
                     "different code, parameters or cache than the merged run. Rerun it: "
-                    f"{rerun}, then make merge again.")
+                    f"{rerun}, then make merge again."
+                )
             verified += len(mine)
     return verified
 
@@ -280,19 +332,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebook", required=True, help="e.g. 01_token_selection")
     parser.add_argument("--num-shards", type=int, required=True)
     parser.add_argument("--profile", help="check: the profile the merge run will use (must be the shards')")
-    parser.add_argument("--protocol", help="the steering_protocol the shards ran under (make's PROTOCOL); "
-                                           "default: the adopted one")
+    parser.add_argument(
+        "--protocol", help="the steering_protocol the shards ran under (make's PROTOCOL); default: the adopted one"
+    )
     args = parser.parse_args(argv)
     try:
         if args.action == "check":
-            manifests = check_shards(args.model, args.notebook, args.num_shards, profile=args.profile,
-                                     protocol=args.protocol)
-            print(f"{args.num_shards} shards of {_notebook_name(args.notebook)} for {args.model}: complete and "
-                  f"disjoint ({len(manifests[0]['sample'])} concepts).")
+            manifests = check_shards(
+                args.model, args.notebook, args.num_shards, profile=args.profile, protocol=args.protocol
+            )
+            print(
+                f"{args.num_shards} shards of {_notebook_name(args.notebook)} for {args.model}: complete and "
+                f"disjoint ({len(manifests[0]['sample'])} concepts)."
+            )
         else:
             rows = verify_merged(args.model, args.notebook, args.num_shards, protocol=args.protocol)
-            print(f"Merged {_notebook_name(args.notebook)} for {args.model} matches its {args.num_shards} shards "
-                  f"({rows} rows verified).")
+            print(
+                f"Merged {_notebook_name(args.notebook)} for {args.model} matches its {args.num_shards} shards "
+                f"({rows} rows verified)."
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

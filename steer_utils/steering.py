@@ -4,6 +4,7 @@ eps is relative to the block's typical hidden-state norm (`ConceptVector.norms`)
 grid serves models whose activation scales differ. Several vectors and coefficients run in one batched
 `generate` call: each row of the batch carries its own addition.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -26,8 +27,9 @@ def default_blocks(n_blocks: int) -> list[int]:
     return list(range(1, n_blocks))
 
 
-def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[float],
-                       blocks: Sequence[int] | Sequence[Sequence[int]]) -> dict[int, torch.Tensor]:
+def steering_additions(
+    vectors: Sequence[ConceptVector], coefficients: Sequence[float], blocks: Sequence[int] | Sequence[Sequence[int]]
+) -> dict[int, torch.Tensor]:
     """Per-row additions {block: (rows, d)} = coefficient_r * norm_rl * v_rl, one row per (vector, coefficient).
 
     `blocks` lists the steered blocks, for all rows or (a list of lists) for each row; a row that does not
@@ -37,7 +39,9 @@ def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[
         raise ValueError(f"Got {len(vectors)} vectors for {len(coefficients)} coefficients; give one per row.")
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
-    per_row = [list(b) for b in blocks] if len(blocks) and not isinstance(blocks[0], int) else [list(blocks)] * len(vectors)
+    per_row = (
+        [list(b) for b in blocks] if len(blocks) and not isinstance(blocks[0], int) else [list(blocks)] * len(vectors)
+    )
     if len(per_row) != len(vectors):
         raise ValueError(f"Got {len(per_row)} block lists for {len(vectors)} rows; give one per row.")
     additions = {}
@@ -45,9 +49,14 @@ def steering_additions(vectors: Sequence[ConceptVector], coefficients: Sequence[
         missing = [i for i, (v, b) in enumerate(zip(vectors, per_row)) if block in b and block not in v.directions]
         if missing:
             raise ValueError(f"Block {block} has no direction in vector(s) {missing}; choose blocks the vectors cover.")
-        additions[block] = torch.stack([c * v.norms[block] * v.directions[block].float() if block in b
-                                        else torch.zeros_like(next(iter(v.directions.values())), dtype=torch.float32)
-                                        for v, c, b in zip(vectors, coefficients, per_row)])
+        additions[block] = torch.stack(
+            [
+                c * v.norms[block] * v.directions[block].float()
+                if block in b
+                else torch.zeros_like(next(iter(v.directions.values())), dtype=torch.float32)
+                for v, c, b in zip(vectors, coefficients, per_row)
+            ]
+        )
     return additions
 
 
@@ -82,6 +91,7 @@ def steer(model: nn.Module, additions: dict[int, torch.Tensor], positions: str =
             else:
                 steered = hidden + shift
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
         return hook
 
     try:
@@ -102,9 +112,20 @@ def clean_response(text: str) -> str:
 
 
 # Generation-config fields that make `model.generate`'s greedy choice differ from the plain argmax.
-_LOGITS_PROCESSING = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
-                      "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                      "forced_eos_token_id", "min_length", "min_new_tokens", "exponential_decay_length_penalty")
+_LOGITS_PROCESSING = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "min_length",
+    "min_new_tokens",
+    "exponential_decay_length_penalty",
+)
 
 
 def needs_logits_processing(model: nn.Module) -> bool:
@@ -138,9 +159,16 @@ class SharedPrefix:
 
 
 @torch.inference_mode()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  stop_ids: Sequence[int], pad_id: int, hooks: Callable[[torch.Tensor], ContextManager],
-                  prefix: SharedPrefix | None = None) -> torch.Tensor:
+def greedy_decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    hooks: Callable[[torch.Tensor], ContextManager],
+    prefix: SharedPrefix | None = None,
+) -> torch.Tensor:
     """Greedy continuations (rows, max_new_tokens) of padded prompts, `pad_id` after a row's stop token.
 
     The argmax of `model.generate(do_sample=False)`, without its per-step machinery and doing less work:
@@ -165,17 +193,30 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if prefix is not None and 0 < prefix.length < input_ids.shape[1]:
         group, k = prefix.group.to(device), prefix.length
         first = torch.full((int(group.max()) + 1,), n, device=device).scatter_reduce(  # (u,) a row of each group
-            0, group, torch.arange(n, device=device), "amin")
+            0, group, torch.arange(n, device=device), "amin"
+        )
         with hooks(first) if prefix.steered else nullcontext():
-            model(input_ids=input_ids[first, :k], attention_mask=attention_mask[first, :k],
-                  position_ids=positions[first, :k], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(
+                input_ids=input_ids[first, :k],
+                attention_mask=attention_mask[first, :k],
+                position_ids=positions[first, :k],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache.batch_select_indices(group)  # every row gets its group's keys and values
         step, step_positions = input_ids[:, k:], positions[:, k:]
     mask = attention_mask
     for t in range(max_new_tokens):
         with hooks(live):
-            logits = model(input_ids=step, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]  # (live, vocab)
+            logits = model(
+                input_ids=step,
+                attention_mask=mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]  # (live, vocab)
         chosen = logits.argmax(-1)
         tokens[live, t] = chosen
         running = ~torch.isin(chosen, stops)
@@ -191,8 +232,9 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return tokens
 
 
-def shared_layout(prompt_ids: Sequence[Sequence[int]], pad_id: int, additions: dict[int, torch.Tensor],
-                  positions: str) -> tuple[torch.Tensor, torch.Tensor, SharedPrefix]:
+def shared_layout(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, additions: dict[int, torch.Tensor], positions: str
+) -> tuple[torch.Tensor, torch.Tensor, SharedPrefix]:
     """Batch tensors (input_ids, attention_mask) of tokenized prompts and the prefix their rows share.
 
     positions='answer': prompts are left-padded; every position but the last is unsteered, so rows with the same
@@ -210,16 +252,26 @@ def shared_layout(prompt_ids: Sequence[Sequence[int]], pad_id: int, additions: d
     if positions == "answer":  # rows with the same prompt (padding included) share all of it but the last token
         _, group = torch.unique(torch.cat([ids[:, :-1], mask[:, :-1]], dim=1), dim=0, return_inverse=True)
         return ids, mask, SharedPrefix(width - 1, group, steered=False)
-    rows = torch.cat([a.float().expand(n, -1) for _, a in sorted(additions.items())], dim=1) if additions \
-        else torch.zeros(n, 1)  # (n, blocks * d): one row's additions at every block
+    rows = (
+        torch.cat([a.float().expand(n, -1) for _, a in sorted(additions.items())], dim=1)
+        if additions
+        else torch.zeros(n, 1)
+    )  # (n, blocks * d): one row's additions at every block
     _, group = torch.unique(rows, dim=0, return_inverse=True)
     return ids, mask, SharedPrefix(common, group, steered=True)
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], additions: dict[int, torch.Tensor] | None = None,
-             max_new_tokens: int = 50, row_context: Callable[[torch.Tensor], ContextManager] | None = None,
-             system: str | None = None, positions: str = "all") -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer,
+    user_messages: Sequence[str],
+    additions: dict[int, torch.Tensor] | None = None,
+    max_new_tokens: int = 50,
+    row_context: Callable[[torch.Tensor], ContextManager] | None = None,
+    system: str | None = None,
+    positions: str = "all",
+) -> list[str]:
     """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered.
 
     Decoded by `greedy_decode`: finished rows leave the batch, and without a `row_context` the work rows share
@@ -245,7 +297,7 @@ def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], addition
     stop_ids = stop_token_ids(model, tokenizer)
 
     def run(rows: range) -> list[str]:
-        ids, mask = input_ids[rows.start:rows.stop].to(device), attention_mask[rows.start:rows.stop].to(device)
+        ids, mask = input_ids[rows.start : rows.stop].to(device), attention_mask[rows.start : rows.stop].to(device)
         start = torch.tensor(rows.start)
 
         def hooks(live: torch.Tensor) -> ContextManager:  # live: rows of this piece still running
@@ -254,11 +306,24 @@ def generate(model: nn.Module, tokenizer, user_messages: Sequence[str], addition
 
         if processed:
             with hooks(torch.arange(len(ids))):
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tokenizer.pad_token_id,
+                )[:, ids.shape[1] :]
         else:
-            piece = None if prefix is None else SharedPrefix(
-                prefix.length, torch.unique(prefix.group[rows.start:rows.stop], return_inverse=True)[1], prefix.steered)
+            piece = (
+                None
+                if prefix is None
+                else SharedPrefix(
+                    prefix.length,
+                    torch.unique(prefix.group[rows.start : rows.stop], return_inverse=True)[1],
+                    prefix.steered,
+                )
+            )
             out = greedy_decode(model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id, hooks, piece)
         return tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -274,24 +339,41 @@ def _both(first: ContextManager, second: ContextManager) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def generate_reference(model: nn.Module, tokenizer, user_messages: Sequence[str],
-                       additions: dict[int, torch.Tensor] | None = None, max_new_tokens: int = 50,
-                       system: str | None = None, positions: str = "all") -> list[str]:
+def generate_reference(
+    model: nn.Module,
+    tokenizer,
+    user_messages: Sequence[str],
+    additions: dict[int, torch.Tensor] | None = None,
+    max_new_tokens: int = 50,
+    system: str | None = None,
+    positions: str = "all",
+) -> list[str]:
     """`generate` the simple way, one `model.generate` call over every row: the reference the fast path is tested
     and benchmarked against."""
     prompts = [render_prompt(tokenizer, m, system) for m in user_messages]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     with attention_implementation(model, "sdpa"), steer(model, additions or {}, positions):
-        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
-    return [clean_response(t) for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
-                                                              skip_special_tokens=True)]
+        out = model.generate(
+            **{k: v.to(device) for k, v in batch.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return [
+        clean_response(t)
+        for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
 
-def grid_rows(vectors: dict[str, ConceptVector], coefficients: Sequence[float], n_questions: int,
-              blocks: Sequence[int] | dict[str, Sequence[int]], scales: dict[str, float] | None = None
-              ) -> tuple[list[tuple[str, float, int]], dict[int, torch.Tensor]]:
+def grid_rows(
+    vectors: dict[str, ConceptVector],
+    coefficients: Sequence[float],
+    n_questions: int,
+    blocks: Sequence[int] | dict[str, Sequence[int]],
+    scales: dict[str, float] | None = None,
+) -> tuple[list[tuple[str, float, int]], dict[int, torch.Tensor]]:
     """A grid's rows (arm, coefficient, question index), arm-major, and their per-row additions
     (`steering_additions` at coefficient x the arm's `scales` entry, default 1, on the arm's `blocks`)."""
     scales = scales or {}
@@ -301,10 +383,18 @@ def grid_rows(vectors: dict[str, ConceptVector], coefficients: Sequence[float], 
     return rows, steering_additions([vectors[s] for s, _, _ in rows], eps, row_blocks)
 
 
-def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector], questions: Sequence[str],
-                  coefficients: Sequence[float], blocks: Sequence[int] | dict[str, Sequence[int]],
-                  max_new_tokens: int = 50, scales: dict[str, float] | None = None, system: str | None = None,
-                  positions: str = "all") -> pd.DataFrame:
+def generate_grid(
+    model: nn.Module,
+    tokenizer,
+    vectors: dict[str, ConceptVector],
+    questions: Sequence[str],
+    coefficients: Sequence[float],
+    blocks: Sequence[int] | dict[str, Sequence[int]],
+    max_new_tokens: int = 50,
+    scales: dict[str, float] | None = None,
+    system: str | None = None,
+    positions: str = "all",
+) -> pd.DataFrame:
     """Every (arm, coefficient, question) of one concept in one `generate` call; one row each.
 
     An arm is a named vector, steered at `blocks` (one list, or a list per arm) with the coefficient grid
@@ -312,8 +402,21 @@ def generate_grid(model: nn.Module, tokenizer, vectors: dict[str, ConceptVector]
     `system` and `positions` as in `generate`.
     """
     rows, additions = grid_rows(vectors, coefficients, len(questions), blocks, scales)
-    responses = generate(model, tokenizer, [questions[q] for _, _, q in rows], additions, max_new_tokens,
-                         system=system, positions=positions)
-    return pd.DataFrame({"setting": [s for s, _, _ in rows], "coefficient": [c for _, c, _ in rows],
-                         "question_id": [q for _, _, q in rows], "question": [questions[q] for _, _, q in rows],
-                         "response": responses})
+    responses = generate(
+        model,
+        tokenizer,
+        [questions[q] for _, _, q in rows],
+        additions,
+        max_new_tokens,
+        system=system,
+        positions=positions,
+    )
+    return pd.DataFrame(
+        {
+            "setting": [s for s, _, _ in rows],
+            "coefficient": [c for _, c, _ in rows],
+            "question_id": [q for _, _, q in rows],
+            "question": [questions[q] for _, _, q in rows],
+            "response": responses,
+        }
+    )

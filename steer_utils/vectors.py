@@ -4,9 +4,12 @@ Every method maps a block's features X (n, d) at the selected token and labels y
 vector v (d,), with its sign set *per block* so that prefixed examples project higher than unprefixed
 ones at that block (the authors' code sets every block's sign from the last block; not copied here).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +45,9 @@ def _solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError("An RFM kernel matrix contains NaN or inf; the features do: check the extracted activations.")
     factor, info = torch.linalg.cholesky_ex(A.double())
     if info.any():
-        raise ValueError(f"An RFM kernel system is not positive definite (Cholesky failed at column "
-                         f"{int(info.max())}); raise reg.")
+        raise ValueError(
+            f"An RFM kernel system is not positive definite (Cholesky failed at column {int(info.max())}); raise reg."
+        )
     return torch.cholesky_solve(b.double(), factor).to(A.dtype)
 
 
@@ -99,7 +103,9 @@ def _correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (a * b).sum(-1) / denom.clamp(min=1e-12), torch.zeros_like(denom))
 
 
-def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(
+    n: int, val_fraction: float = 0.2, max_val: int = 256, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded train/held-out split of n examples (held-out: val_fraction of them, at most max_val)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, min(max_val, int(round(val_fraction * n))))
@@ -112,12 +118,21 @@ def stratified_subsample(is_positive: torch.Tensor, k: int, seed: int = 0) -> to
     k_pos = min(len(positives), max(1, round(k * len(positives) / len(is_positive))))
     k_neg = min(len(negatives), k - k_pos)
     generator = torch.Generator().manual_seed(seed)
-    keep = [idx[torch.randperm(len(idx), generator=generator)[:m]] for idx, m in ((positives, k_pos), (negatives, k_neg))]
+    keep = [
+        idx[torch.randperm(len(idx), generator=generator)[:m]] for idx, m in ((positives, k_pos), (negatives, k_neg))
+    ]
     return torch.cat(keep).sort().values
 
 
-def fit_rfm(X: torch.Tensor, y: torch.Tensor, bandwidths=RFM_BANDWIDTHS, reg: float = 1e-3, iters: int = 10,
-            seed: int = 0, max_examples: int | None = RFM_MAX_EXAMPLES) -> tuple[torch.Tensor, list[dict]]:
+def fit_rfm(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    bandwidths=RFM_BANDWIDTHS,
+    reg: float = 1e-3,
+    iters: int = 10,
+    seed: int = 0,
+    max_examples: int | None = RFM_MAX_EXAMPLES,
+) -> tuple[torch.Tensor, list[dict]]:
     """RFM vectors of all blocks at once: X (n, n_blocks, d), y (n, n_blocks) -> (n_blocks, d), details per block.
 
     Grid: bandwidth × row normalisation (unit-norm rows, or the block's states divided by their
@@ -154,8 +169,11 @@ def fit_rfm(X: torch.Tensor, y: torch.Tensor, bandwidths=RFM_BANDWIDTHS, reg: fl
         for block in torch.nonzero(top > best_score).flatten().tolist():
             best_score[block] = top[block]
             best_v[block] = v[block, which[block]]
-            best_setting[block] = {"bandwidth": bandwidths[which[block]], "row_normalise": row_normalise,
-                                   "val_corr": round(top[block].item(), 6)}
+            best_setting[block] = {
+                "bandwidth": bandwidths[which[block]],
+                "row_normalise": row_normalise,
+                "val_corr": round(top[block].item(), 6),
+            }
     return best_v, best_setting
 
 
@@ -248,6 +266,30 @@ class ConceptVector:
         directions = {int(k.split(".")[1]): v for k, v in load_file(path).items()}
         return cls(dict(sorted(directions.items())), norms, metadata)
 
+    @contextmanager
+    def apply(
+        self, model, coefficient: float, blocks: list[int] | None = None, positions: str = "all"
+    ) -> Iterator[None]:
+        """Context manager: while active, block b's output gets coefficient * norms[b] * directions[b] added.
+
+        blocks: the vector's blocks (default) or a subset of them; positions: 'all' (every prompt and generated
+        position) or 'answer' (the last position of a multi-token pass and every decoding step: generate with
+        `steer_utils.generate` or `model.generate`, which pass the prompt at once; `steering.generate` runs shared
+        prompt prefixes as passes of their own). Hooks are removed on exit, even on error.
+        """
+        from . import steering  # lazily: steering imports this module
+
+        if (
+            isinstance(coefficient, bool)
+            or not isinstance(coefficient, (int, float))
+            or not torch.isfinite(torch.tensor(float(coefficient)))
+        ):
+            raise ValueError(f"coefficient must be a finite number such as 0.035, got {coefficient!r}.")
+        chosen = sorted(self.directions) if blocks is None else list(blocks)
+        rows = steering.steering_additions([self], [coefficient], chosen)  # block -> (1, d); raises for a missing block
+        with steering.steer(model, {b: a[0] for b, a in rows.items()}, positions):  # (d,): the same for every row
+            yield
+
 
 def block_norms(hidden: torch.Tensor) -> torch.Tensor:
     """Typical hidden-state norm per block: the median over prompts and tail positions, (n_blocks,).
@@ -257,18 +299,26 @@ def block_norms(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.norm(dim=-1).transpose(0, 1).reshape(hidden.shape[1], -1).median(dim=1).values
 
 
-def fit_concept_vector(method: str, features: torch.Tensor, labels: torch.Tensor, is_prefixed: torch.Tensor,
-                       norms: torch.Tensor, metadata: dict[str, str] | None = None, seed: int = 0,
-                       progress: bool = False) -> tuple[ConceptVector, list[dict]]:
+def fit_concept_vector(
+    method: str,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    is_prefixed: torch.Tensor,
+    norms: torch.Tensor,
+    metadata: dict[str, str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ConceptVector, list[dict]]:
     """Fit one vector per block. features: (n, n_blocks, d) at each block's selected token; labels: (n, n_blocks)."""
     if method == "rfm":
         raw, settings = fit_rfm(features, labels, seed=seed)
         directions = {b: orient(raw[b], features[:, b].float(), is_prefixed) for b in range(features.shape[1])}
         details = [{"block": b, **settings[b]} for b in directions]
     else:
-        directions = {block: fit_vector(method, features[:, block], labels[:, block], is_prefixed)
-                      for block in tqdm(range(features.shape[1]), desc=f"fit {method}", leave=False,
-                                        disable=not progress)}
+        directions = {
+            block: fit_vector(method, features[:, block], labels[:, block], is_prefixed)
+            for block in tqdm(range(features.shape[1]), desc=f"fit {method}", leave=False, disable=not progress)
+        }
         details = [{"block": b} for b in directions]
     norm_map = {b: float(norms[b]) for b in directions}
     return ConceptVector(directions, norm_map, dict(metadata or {}, method=method)), details

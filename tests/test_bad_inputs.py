@@ -1,5 +1,6 @@
 """Bad inputs fail early, in our own code, with a one-line ValueError / FileNotFoundError that names the problem and
 the fix: no traceback walls from deep inside torch or transformers, and no expensive work first."""
+
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_utils import data, enrichment, labels, models, pipeline, profiles, steering
+from steer_utils import data, enrichment, labels, layers, models, pipeline, profiles, steering
 from steer_utils.judge import load_judge
 from steer_utils.paths import NOTEBOOKS_DIR
 
@@ -39,11 +40,19 @@ def fails(exc_type: type[Exception], *words: str):
 
 # -- models ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("load", [models.load_tokenizer, models.load_model], ids=["tokenizer", "model"])
 @pytest.mark.parametrize("name", ["no-such-org/no-such-model", "llama-9000"])
 def test_unknown_model_name(load, name):
-    with fails(FileNotFoundError, f"'{name}' is not a bundled name", "smollm2-135m", "gemma3-270m",
-               "to add it", f"huggingface-cli download {name}", "local path"):
+    with fails(
+        FileNotFoundError,
+        f"'{name}' is not a bundled name",
+        "smollm2-135m",
+        "gemma3-270m",
+        "to add it",
+        f"huggingface-cli download {name}",
+        "local path",
+    ):
         load(name)
 
 
@@ -86,22 +95,36 @@ def test_missing_gguf_file(tmp_path):
 
 # -- concepts, statements and prompts --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call", [
-    lambda: data.load_concepts("colours"), lambda: data.prefix_text("colours", "Red"),
-    lambda: data.concept_text("colours", "Red"), lambda: data.paired_prompts(None, "colours", "Red", [STATEMENT]),
-], ids=["load_concepts", "prefix_text", "concept_text", "paired_prompts"])
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: data.load_concepts("colours"),
+        lambda: data.prefix_text("colours", "Red"),
+        lambda: data.concept_text("colours", "Red"),
+        lambda: data.paired_prompts(None, "colours", "Red", [STATEMENT]),
+    ],
+    ids=["load_concepts", "prefix_text", "concept_text", "paired_prompts"],
+)
 def test_unknown_concept_class(call):
     with fails(ValueError, "unknown concept class 'colours'", "use one of: fears, places, personas, experts, moods"):
         call()
 
 
 @pytest.mark.parametrize("kind", ["concepts", "statements"])
-@pytest.mark.parametrize("problem, text, error, words", [
-    ("empty", "\n   \n", ValueError, ("is empty", "one entry per line")),
-    ("duplicated", "One claim.\nAnother claim.\none claim.\n", ValueError,
-     ("duplicated entries: ['one claim.']", "remove the repeats")),
-    ("missing", None, FileNotFoundError, ("does not exist", "check the path")),
-])
+@pytest.mark.parametrize(
+    "problem, text, error, words",
+    [
+        ("empty", "\n   \n", ValueError, ("is empty", "one entry per line")),
+        (
+            "duplicated",
+            "One claim.\nAnother claim.\none claim.\n",
+            ValueError,
+            ("duplicated entries: ['one claim.']", "remove the repeats"),
+        ),
+        ("missing", None, FileNotFoundError, ("does not exist", "check the path")),
+    ],
+)
 def test_bad_list_file(kind, problem, text, error, words, tmp_path):
     path = tmp_path / "fears.txt"
     if text is not None:
@@ -115,8 +138,15 @@ def tokenizer(request):
     return build_tiny_tokenizer() if request.param == "tiny" else models.load_tokenizer(request.param)
 
 
-AWKWARD = ['Zoë "the" {c} {0} café ☕', "%s and %(c)s", "back\\slash \\n \\{c\\}", "{s}", "{{c}} }{ {",
-           "O'Neil's “smart” quotes – naïve 漢字 😀", " ".join(["A very long concept name"] * 9)]
+AWKWARD = [
+    'Zoë "the" {c} {0} café ☕',
+    "%s and %(c)s",
+    "back\\slash \\n \\{c\\}",
+    "{s}",
+    "{{c}} }{ {",
+    "O'Neil's “smart” quotes – naïve 漢字 😀",
+    " ".join(["A very long concept name"] * 9),
+]
 
 
 @pytest.mark.parametrize("concept", AWKWARD, ids=lambda c: f"{len(c)}-chars-{c[:8]}")
@@ -128,8 +158,11 @@ def test_awkward_concepts_render_verbatim(tokenizer, concept_class, concept):
     prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, [statement])
     text = prefixed[0].text
     # Each slot filled exactly once (split/join, not format): braces, % and quotes in either text stay literal.
-    user = (shown.join(data.PREFIX_TEMPLATES[concept_class].split("{c}")) + " "
-            + statement.join(data.STATEMENT_TEMPLATE.split("{s}")))
+    user = (
+        shown.join(data.PREFIX_TEMPLATES[concept_class].split("{c}"))
+        + " "
+        + statement.join(data.STATEMENT_TEMPLATE.split("{s}"))
+    )
     assert data.user_text(statement, data.prefix_text(concept_class, concept)) == user
     assert text == data.render_prompt(tokenizer, user)
     assert text.count(shown) == 1 + statement.count(shown) and text.count(statement) == 1
@@ -160,11 +193,17 @@ def test_template_that_alters_the_user_text():
 
 # -- labels, blocks and the coefficient grid -------------------------------------------------------------------------
 
+
 def test_all_equal_soft_labels():
     attn = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) + 0.1
     attn[:, 2] = 0.0  # block 2's selected token never looks at the prefix
-    with fails(ValueError, "soft labels of concept 'cheerful' are all equal (0)", "block(s) [2]",
-               "check the prefix span", "use hard labels"):
+    with fails(
+        ValueError,
+        "soft labels of concept 'cheerful' are all equal (0)",
+        "block(s) [2]",
+        "check the prefix span",
+        "use hard labels",
+    ):
         labels.make_labels("soft", attn, 6, concept="cheerful")
     with fails(ValueError, "soft labels are all equal", "block(s) [0, 1, 2, 3]"):
         labels.make_labels("soft", torch.zeros(6, 4), 6)
@@ -182,28 +221,42 @@ def test_empty_coefficient_grid():
         steering.steering_additions([], [], [1])
     # The pipeline checks the grid first, before touching the model (None here).
     with fails(ValueError, "coefficient grid is empty", "at least one coefficient"):
-        pipeline.run_concept(None, None, "m", "moods", "Cheerful", [STATEMENT], ["Q?"], [], coefficients=[])
+        pipeline.run_concept(
+            pipeline.RunContext(None, None, "m", [STATEMENT], {"moods": ["Q?"]}),
+            "moods",
+            "Cheerful",
+            [],
+            coefficients=[],
+        )
     with fails(ValueError, "coefficient grid is empty", "at least one coefficient"):
-        pipeline.run_layer_selection(None, None, "m", "moods", "Cheerful", [STATEMENT], ["Q?"], coefficients=())
+        layers.run_concept(
+            pipeline.RunContext(None, None, "m", [STATEMENT], {"moods": ["Q?"]}), "moods", "Cheerful", coefficients=()
+        )
 
 
-@pytest.mark.parametrize("k, candidates, words", [
-    (40, range(1, 30), ("k=40 is larger than the 29 candidate blocks", "choose k <= 29")),
-    (31, None, ("k=31 is larger than the 30 candidate blocks", "choose k <= 30")),
-    (0, None, ("k=0 must be at least 1", "choose k in 1..30")),
-    (2.5, None, ("k=2.5 must be a whole number of blocks", "k_from_fraction")),
-])
+@pytest.mark.parametrize(
+    "k, candidates, words",
+    [
+        (40, range(1, 30), ("k=40 is larger than the 29 candidate blocks", "choose k <= 29")),
+        (31, None, ("k=31 is larger than the 30 candidate blocks", "choose k <= 30")),
+        (0, None, ("k=0 must be at least 1", "choose k in 1..30")),
+        (2.5, None, ("k=2.5 must be a whole number of blocks", "k_from_fraction")),
+    ],
+)
 def test_k_larger_than_the_number_of_blocks(k, candidates, words):
     with fails(ValueError, *words):
         enrichment.select_blocks(torch.zeros(30), k, "top", candidates=candidates)
 
 
-@pytest.mark.parametrize("fraction, n, words", [
-    (1.5, 29, ("fraction=1.5 must be in (0, 1]", "more blocks than there are")),
-    (0.0, 29, ("fraction=0.0 must be in (0, 1]", "e.g. 0.25")),
-    ("half", 29, ("must be a number in (0, 1]", "got str")),
-    (0.5, 0, ("n_candidates=0 must be a positive integer", "number of blocks")),
-])
+@pytest.mark.parametrize(
+    "fraction, n, words",
+    [
+        (1.5, 29, ("fraction=1.5 must be in (0, 1]", "more blocks than there are")),
+        (0.0, 29, ("fraction=0.0 must be in (0, 1]", "e.g. 0.25")),
+        ("half", 29, ("must be a number in (0, 1]", "got str")),
+        (0.5, 0, ("n_candidates=0 must be a positive integer", "number of blocks")),
+    ],
+)
 def test_k_from_fraction_refuses_impossible_sizes(fraction, n, words):
     with fails(ValueError, *words):
         enrichment.k_from_fraction(fraction, n)
@@ -211,43 +264,74 @@ def test_k_from_fraction_refuses_impossible_sizes(fraction, n, words):
 
 # -- papermill parameters --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, value, words", [
-    ("n_statements", "64", ("n_statements must be a positive integer or None", "'64' (str)", "-p n_statements 64",
-                            "not a string")),
-    ("n_concepts_per_class", 0, ("n_concepts_per_class must be a positive integer or None", "got 0 (int)")),
-    ("seed", 1.5, ("seed must be a non-negative integer", "1.5 (float)", "-p seed 0")),
-    ("profile", "huge", ("profile must be one of smoke, default, full", "'huge' (str)", "-p profile smoke")),
-    ("model", 3, ("model must be a non-empty string", "3 (int)", "-p model smollm2-135m")),
-    ("fractions", "[0.25, 0.5]", ("fractions must be a non-empty list of numbers in (0, 1]", "(str)", "-y",
-                                  "lists need -y")),
-    ("fractions", [0.25, 1.5], ("fractions must be", "[0.25, 1.5] (list)")),
-    ("eps_grid", [], ("eps_grid must be a non-empty list of positive numbers", "[] (list)", "-y 'eps_grid:")),
-    ("eps_grid", [0.1, -0.2], ("eps_grid must be", "positive")),
-    ("alpha", 5, ("alpha must be a number in (0, 1)", "5 (int)", "-p alpha 0.01")),
-    ("fdr_level", "0.05", ("fdr_level must be a number in (0, 1)", "not a string")),
-    ("null", "exact", ("null must be one of contiguous, scattered", "'exact' (str)")),
-    ("n_draws", True, ("n_draws must be a positive integer", "True (bool)")),
-    ("n_random", 0, ("n_random must be a positive integer", "0 (int)")),
-    ("n_depth_bins", 2.0, ("n_depth_bins must be a positive integer", "2.0 (float)")),
-    ("tune_concepts_per_class", None, ("tune_concepts_per_class must be a positive integer", "None (NoneType)")),
-    ("block_set", "best", ("block_set must be one of auto, all, top-25%, top-50%", "'best' (str)")),
-    ("models", "smollm2-135m", ("models must be None or a non-empty list of model names", "lists need -y")),
-    ("shard_index", "1", ("shard_index must be an integer", "'1' (str)", "-p shard_index")),
-    ("num_shards", 0, ("num_shards must be at least 1", "use 1 for an unsharded run")),
-    ("dtype", "fp32", ("dtype must be one of auto, float32, bfloat16, float16", "'fp32' (str)", "-p dtype float32")),
-    ("colour", "red", ("no rule for parameter 'colour'", "profiles.PARAMETERS")),
-])
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        (
+            "n_statements",
+            "64",
+            ("n_statements must be a positive integer or None", "'64' (str)", "-p n_statements 64", "not a string"),
+        ),
+        ("n_concepts_per_class", 0, ("n_concepts_per_class must be a positive integer or None", "got 0 (int)")),
+        ("seed", 1.5, ("seed must be a non-negative integer", "1.5 (float)", "-p seed 0")),
+        ("profile", "huge", ("profile must be one of smoke, default, full", "'huge' (str)", "-p profile smoke")),
+        ("model", 3, ("model must be a non-empty string", "3 (int)", "-p model smollm2-135m")),
+        (
+            "fractions",
+            "[0.25, 0.5]",
+            ("fractions must be a non-empty list of numbers in (0, 1]", "(str)", "-y", "lists need -y"),
+        ),
+        ("fractions", [0.25, 1.5], ("fractions must be", "[0.25, 1.5] (list)")),
+        ("eps_grid", [], ("eps_grid must be a non-empty list of positive numbers", "[] (list)", "-y 'eps_grid:")),
+        ("eps_grid", [0.1, -0.2], ("eps_grid must be", "positive")),
+        ("alpha", 5, ("alpha must be a number in (0, 1)", "5 (int)", "-p alpha 0.01")),
+        ("fdr_level", "0.05", ("fdr_level must be a number in (0, 1)", "not a string")),
+        ("null", "exact", ("null must be one of contiguous, scattered", "'exact' (str)")),
+        ("n_draws", True, ("n_draws must be a positive integer", "True (bool)")),
+        ("n_random", 0, ("n_random must be a positive integer", "0 (int)")),
+        ("n_depth_bins", 2.0, ("n_depth_bins must be a positive integer", "2.0 (float)")),
+        ("tune_concepts_per_class", None, ("tune_concepts_per_class must be a positive integer", "None (NoneType)")),
+        ("block_set", "best", ("block_set must be one of auto, all, top-25%, top-50%", "'best' (str)")),
+        ("models", "smollm2-135m", ("models must be None or a non-empty list of model names", "lists need -y")),
+        ("shard_index", "1", ("shard_index must be an integer", "'1' (str)", "-p shard_index")),
+        ("num_shards", 0, ("num_shards must be at least 1", "use 1 for an unsharded run")),
+        (
+            "dtype",
+            "fp32",
+            ("dtype must be one of auto, float32, bfloat16, float16", "'fp32' (str)", "-p dtype float32"),
+        ),
+        ("colour", "red", ("no rule for parameter 'colour'", "profiles.PARAMETERS")),
+    ],
+)
 def test_check_parameters(name, value, words):
     with fails(ValueError, *words):
         profiles.check_parameters(**{name: value})
 
 
 def test_check_parameters_accepts_the_documented_forms():
-    profiles.check_parameters(model="meta-llama/Llama-3.1-8B", profile="full", dtype="bfloat16", seed=3, n_statements=None,
-                              n_concepts_per_class=20, layer_concepts_per_class=None, tune_concepts_per_class=1,
-                              fractions=(0.25, 1), eps_grid=[1, 0.5], alpha=0.01, fdr_level=0.05, null="contiguous",
-                              n_draws=10, n_random=1, n_depth_bins=4, block_set="top-50%", models=["a", "b/c"],
-                              shard_index=1, num_shards=2)
+    profiles.check_parameters(
+        model="meta-llama/Llama-3.1-8B",
+        profile="full",
+        dtype="bfloat16",
+        seed=3,
+        n_statements=None,
+        n_concepts_per_class=20,
+        layer_concepts_per_class=None,
+        tune_concepts_per_class=1,
+        fractions=(0.25, 1),
+        eps_grid=[1, 0.5],
+        alpha=0.01,
+        fdr_level=0.05,
+        null="contiguous",
+        n_draws=10,
+        n_random=1,
+        n_depth_bins=4,
+        block_set="top-50%",
+        models=["a", "b/c"],
+        shard_index=1,
+        num_shards=2,
+    )
     profiles.check_parameters(models=None, n_anything=None)
 
 
@@ -267,8 +351,11 @@ def _check_call(source: str) -> int:
     """Index of the `check_parameters(...)` statement in a cell; every statement before it must be an import."""
     body = ast.parse(source).body
     for i, node in enumerate(body):
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
-                getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) == "check_parameters":
+        if (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) == "check_parameters"
+        ):
             return i
         assert isinstance(node, (ast.Import, ast.ImportFrom)), f"'{ast.unparse(node)}' runs before check_parameters"
     raise AssertionError("the cell after `parameters` does not call check_parameters")
@@ -284,21 +371,34 @@ def test_notebooks_check_every_parameter_first(path):
     namespace: dict = {}
     exec(imports, namespace)
     exec(parameters, namespace)
-    head = ast.Module(body=ast.parse(derived).body[:index + 1], type_ignores=[])
+    head = ast.Module(body=ast.parse(derived).body[: index + 1], type_ignores=[])
     exec(compile(head, path.name, "exec"), namespace)  # the defaults pass
 
 
-BAD_VALUES = {"model": 7, "profile": "tiny", "models": "smollm2-135m", "fractions": "0.25", "eps_grid": "[0.1]",
-              "null": "exact", "block_set": 3, "alpha": "0.01", "fdr_level": 1.0, "shard_index": "0",
-              "concepts": 3}
+BAD_VALUES = {
+    "model": 7,
+    "profile": "tiny",
+    "models": "smollm2-135m",
+    "fractions": "0.25",
+    "eps_grid": "[0.1]",
+    "null": "exact",
+    "block_set": 3,
+    "alpha": "0.01",
+    "fdr_level": 1.0,
+    "shard_index": "0",
+    "concepts": 3,
+}
 
 
 def _bad_value(name: str):
     return BAD_VALUES.get(name, "4")  # sizes, counts and the seed: a string, as `papermill -r` would pass it
 
 
-@pytest.mark.parametrize("path, name", [(p, n) for p in NOTEBOOKS for n in _names(_cells(p)[1])],
-                         ids=lambda x: x.stem if isinstance(x, Path) else x)
+@pytest.mark.parametrize(
+    "path, name",
+    [(p, n) for p in NOTEBOOKS for n in _names(_cells(p)[1])],
+    ids=lambda x: x.stem if isinstance(x, Path) else x,
+)
 def test_notebook_refuses_a_bad_parameter_before_any_work(path, name, monkeypatch):
     imports, parameters, derived = _cells(path)
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -311,6 +411,7 @@ def test_notebook_refuses_a_bad_parameter_before_any_work(path, name, monkeypatc
 
 
 # -- judges ----------------------------------------------------------------------------------------------------------
+
 
 def test_unknown_judge_name():
     with fails(ValueError, "unknown judge 'gpt-judge'", "use one of: embedding, openai"):

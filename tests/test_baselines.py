@@ -1,11 +1,12 @@
 """Baselines (notebook 05) and the cross-model tables (notebook 04), without the bundled models."""
+
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 import torch
 
-from steer_utils import baselines, cache, data, models, pipeline, profiles, scaling
+from steer_utils import baselines, data, models, paths, pipeline, profiles, scaling
 
 
 def test_tuning_concepts_are_disjoint_from_the_reported_ones():
@@ -21,13 +22,20 @@ def test_tuning_concepts_are_disjoint_from_the_reported_ones():
 
 
 def test_best_sadi_settings_rank_by_tuning_score_with_ties_to_smaller_delta():
-    rows = [("sadi-head-last", k, d, s) for k, d, s in [(1, 5.0, 0), (1, 20.0, 1), (4, 5.0, 1), (4, 20.0, 1), (10, 80.0, 0)]]
+    rows = [
+        ("sadi-head-last", k, d, s) for k, d, s in [(1, 5.0, 0), (1, 20.0, 1), (4, 5.0, 1), (4, 20.0, 1), (10, 80.0, 0)]
+    ]
     scored = pd.DataFrame(rows, columns=["setting", "k", "delta", "score"])
     chosen = baselines.best_sadi_settings(scored, n_settings=3)
     assert chosen == {"sadi-head-last": [(4, 5.0), (1, 20.0), (4, 20.0)]}
     table = baselines.tuning_table(scored, chosen)
-    assert table.set_index(["k", "delta"]).eval_rank.to_dict() == {(1, 5.0): 0, (1, 20.0): 2, (4, 5.0): 1,
-                                                                     (4, 20.0): 3, (10, 80.0): 0}
+    assert table.set_index(["k", "delta"]).eval_rank.to_dict() == {
+        (1, 5.0): 0,
+        (1, 20.0): 2,
+        (4, 5.0): 1,
+        (4, 20.0): 3,
+        (10, 80.0): 0,
+    }
 
 
 @pytest.mark.parametrize("name", list(profiles.PROFILES))
@@ -39,7 +47,7 @@ def test_tuning_grid_covers_every_variant_and_setting(name):
     assert len(grid["sadi-hidden-all"]) == len(profile.sadi_hidden_ks) * len(profile.sadi_deltas)
     assert all(len(v) >= len(pipeline.COEFFICIENTS) for v in grid.values())  # enough settings for SADI's eval grid
     assert (1, 1.0) in grid["sadi-hidden-last"] and all(isinstance(d, float) for _, d in grid["sadi-head-all"])
-    assert set(baselines.METHODS) >= {"prompting", "mean-difference", "prior", "ours"}
+    assert set(baselines.COMPARED_METHODS) >= {"prompting", "mean-difference", "prior", "ours"}
 
 
 def test_ours_block_set_reads_notebook_03_or_checks_the_name(tmp_path, monkeypatch):
@@ -49,9 +57,14 @@ def test_ours_block_set_reads_notebook_03_or_checks_the_name(tmp_path, monkeypat
         baselines.ours_block_set("m", "bottom-25%")
     with pytest.raises(FileNotFoundError, match="run notebook 03"):
         baselines.ours_block_set("m")
-    table = pd.DataFrame({"protocol": ["held_out"] * 4 + ["best_of_grid"], "concept_class": "all",
-                          "setting": ["all", "top-25%", "top-50%", "bottom-25%", "top-50%"],
-                          "steerability": [0.1, 0.3, 0.2, 0.9, 1.0]})
+    table = pd.DataFrame(
+        {
+            "protocol": ["held_out"] * 4 + ["best_of_grid"],
+            "concept_class": "all",
+            "setting": ["all", "top-25%", "top-50%", "bottom-25%", "top-50%"],
+            "steerability": [0.1, 0.3, 0.2, 0.9, 1.0],
+        }
+    )
     (tmp_path / "m").mkdir(exist_ok=True)
     table.to_csv(tmp_path / "m" / "03_steerability.csv", index=False)
     assert baselines.ours_block_set("m") == "top-25%"  # bottom sets are never candidates; held-out protocol
@@ -63,7 +76,7 @@ def tiny(tiny_model_dir):
 
 
 def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     model, tokenizer, _ = tiny
     questions = ["What do you see?", "Where are you?"]
     prompted = baselines.prompting_grid(model, tokenizer, "moods", "Cheerful", questions, max_new_tokens=3)
@@ -76,8 +89,9 @@ def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("*.safetensors"))) == 2  # prefixed and plain recordings, cached
     again = baselines.sadi_masks(model, tokenizer, "tiny", "moods", "Cheerful", statements, {"head": [1, 2]})
     assert all(torch.equal(again["head"][k], masks["head"][k]) for k in (1, 2))
-    grid = baselines.sadi_grid(model, tokenizer, "moods", "Cheerful", questions, "sadi-head-last", settings,
-                               masks["head"], max_new_tokens=3)
+    grid = baselines.sadi_grid(
+        model, tokenizer, "moods", "Cheerful", questions, "sadi-head-last", settings, masks["head"], max_new_tokens=3
+    )
     assert grid.coefficient.tolist() == [1, 1, 2, 2] and grid.k.tolist() == [1, 1, 2, 2]
     assert grid.delta.tolist() == [5.0, 5.0, 20.0, 20.0] and grid.question_id.tolist() == [0, 1, 0, 1]
 
@@ -86,11 +100,20 @@ def results_tree(root, models_):
     for i, model in enumerate(models_):
         folder = root / model
         folder.mkdir(parents=True)
-        pd.DataFrame({"protocol": "best_of_grid", "setting": ["fixed-hard-rfm", "attention-soft-rfm", "attention-hard-rfm"],
-                      "concept_class": "all", "steerability": [0.1, 0.3 + i / 10, 0.2], "ci_low": 0.0, "ci_high": 1.0,
-                      "n_concepts": 2}).to_csv(folder / "01_steerability.csv", index=False)
-        pd.DataFrame({"block": range(4), "depth": [0, 1 / 3, 2 / 3, 1], "score": [0.0, 0.5, 1.0, 0.0],
-                      "score_fdr": 0.0}).to_csv(folder / "03_enrichment.csv", index=False)
+        pd.DataFrame(
+            {
+                "protocol": "best_of_grid",
+                "setting": ["fixed-hard-rfm", "attention-soft-rfm", "attention-hard-rfm"],
+                "concept_class": "all",
+                "steerability": [0.1, 0.3 + i / 10, 0.2],
+                "ci_low": 0.0,
+                "ci_high": 1.0,
+                "n_concepts": 2,
+            }
+        ).to_csv(folder / "01_steerability.csv", index=False)
+        pd.DataFrame(
+            {"block": range(4), "depth": [0, 1 / 3, 2 / 3, 1], "score": [0.0, 0.5, 1.0, 0.0], "score_fdr": 0.0}
+        ).to_csv(folder / "03_enrichment.csv", index=False)
 
 
 def test_collect_stacks_models_and_names_what_is_missing(tmp_path):
@@ -99,8 +122,11 @@ def test_collect_stacks_models_and_names_what_is_missing(tmp_path):
     table = scaling.collect("01_steerability.csv", results_root=tmp_path)
     assert table.columns[0] == "model" and table.model.unique().tolist() == ["a-model", "b-model"]
     compared = scaling.prior_vs_ours(table)
-    assert compared[compared.model == "a-model"].setting.tolist() == ["fixed-hard-rfm", "attention-hard-rfm",
-                                                                      "attention-soft-rfm"]
+    assert compared[compared.model == "a-model"].setting.tolist() == [
+        "fixed-hard-rfm",
+        "attention-hard-rfm",
+        "attention-soft-rfm",
+    ]
     with pytest.raises(FileNotFoundError, match="run `make all MODELS=c-model`"):
         scaling.collect("01_steerability.csv", ["a-model", "c-model"], results_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="run `make all`"):
@@ -124,7 +150,9 @@ def test_collect_reads_a_protocol_variant_and_checks_the_training_protocol(tmp_p
     scaling.check_training_protocol(generations[generations.model == "a"], "contrast=3")
     scaling.check_training_protocol(generations[generations.model == "b"], "paper")  # no protocol: the paper's
     scaling.check_training_protocol(pd.DataFrame({"model": ["c"]}), "paper")
-    with pytest.raises(ValueError, match="results/b/ holds notebook 01 trained under protocol 'paper', not 'contrast=3'"):
+    with pytest.raises(
+        ValueError, match="results/b/ holds notebook 01 trained under protocol 'paper', not 'contrast=3'"
+    ):
         scaling.check_training_protocol(generations, "contrast=3")
     with pytest.raises(ValueError, match="PROTOCOL=contrast=3"):
         scaling.check_training_protocol(generations, "paper")
@@ -140,7 +168,8 @@ def test_depth_profile_bins_normalised_depth(tmp_path):
 def test_working_coefficients_count_the_smallest_scoring_eps():
     rows = [(c, q, s) for c, q, s in [(0.1, 0, 0), (0.2, 0, 1), (0.3, 0, 1), (0.1, 1, 1), (0.1, 2, 0), (0.2, 2, 0)]]
     generations = pd.DataFrame(rows, columns=["coefficient", "question_id", "score"]).assign(
-        model="m", setting="attention-soft-rfm", concept_class="moods", concept="Cheerful")
+        model="m", setting="attention-soft-rfm", concept_class="moods", concept="Cheerful"
+    )
     table = scaling.working_coefficients(generations)
     assert table.set_index("coefficient").n_steered.to_dict() == {0.1: 1, 0.2: 1, 0.3: 0}
     assert table.share.sum() == 1.0 and table.n_pairs.eq(3).all()
@@ -149,11 +178,22 @@ def test_working_coefficients_count_the_smallest_scoring_eps():
 
 
 def test_soft_label_gain_picks_the_hard_vs_soft_rows():
-    paired = pd.DataFrame({"model": "m", "protocol": "best_of_grid", "concept_class": "all",
-                           "setting_a": ["fixed-hard-rfm", "attention-hard-rfm"],
-                           "setting_b": ["attention-hard-rfm", "attention-soft-rfm"], "mean_a": [0.1, 0.2],
-                           "mean_b": [0.2, 0.5], "diff": [0.1, 0.3], "ci_low": 0.0, "ci_high": 0.5, "p_mcnemar": 0.5,
-                           "n_concepts": 4})
+    paired = pd.DataFrame(
+        {
+            "model": "m",
+            "protocol": "best_of_grid",
+            "concept_class": "all",
+            "setting_a": ["fixed-hard-rfm", "attention-hard-rfm"],
+            "setting_b": ["attention-hard-rfm", "attention-soft-rfm"],
+            "mean_a": [0.1, 0.2],
+            "mean_b": [0.2, 0.5],
+            "diff": [0.1, 0.3],
+            "ci_low": 0.0,
+            "ci_high": 0.5,
+            "p_mcnemar": 0.5,
+            "n_concepts": 4,
+        }
+    )
     gain = scaling.soft_label_gain(paired)
     assert len(gain) == 1 and gain["diff"].item() == 0.3 and gain["attention-soft-rfm"].item() == 0.5
     with pytest.raises(ValueError, match="rerun notebook 01"):
@@ -181,12 +221,18 @@ def test_baseline_figure_has_a_bar_and_a_paired_panel_per_protocol():
     from steer_utils import plots
 
     methods = ["prompting", "prior", "ours"]
-    table = pd.DataFrame([(m, c, 0.2 * i, 0.1 * i, 0.3 * i) for i, m in enumerate(methods) for c in ["moods", "all"]],
-                         columns=["setting", "concept_class", "steerability", "ci_low", "ci_high"])
-    comparisons = pd.DataFrame([(p, "all", m, "ours", d, d - 0.1, d + 0.1, 0.5) for p in ["best_of_grid", "held_out"]
-                                for m, d in [("prompting", -0.4), ("prior", 0.2)]],
-                               columns=["protocol", "concept_class", "setting_a", "setting_b", "diff", "ci_low",
-                                        "ci_high", "p_mcnemar"])
+    table = pd.DataFrame(
+        [(m, c, 0.2 * i, 0.1 * i, 0.3 * i) for i, m in enumerate(methods) for c in ["moods", "all"]],
+        columns=["setting", "concept_class", "steerability", "ci_low", "ci_high"],
+    )
+    comparisons = pd.DataFrame(
+        [
+            (p, "all", m, "ours", d, d - 0.1, d + 0.1, 0.5)
+            for p in ["best_of_grid", "held_out"]
+            for m, d in [("prompting", -0.4), ("prior", 0.2)]
+        ],
+        columns=["protocol", "concept_class", "setting_a", "setting_b", "diff", "ci_low", "ci_high", "p_mcnemar"],
+    )
     fig = plots.plot_baselines({"best_of_grid": table, "held_out": table}, comparisons, methods, "m")
     bars, diffs = fig.axes[0], fig.axes[1]
     assert len(fig.axes) == 4 and bars.get_title() == "m: best-of-grid" and diffs.get_title() == "paired, best-of-grid"

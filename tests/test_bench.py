@@ -1,4 +1,5 @@
 """The benchmark's helpers (its numbers are measured by `make bench`, never asserted here)."""
+
 from __future__ import annotations
 
 import json
@@ -68,9 +69,15 @@ def test_loop_stopping_rescores_the_filled_text_of_rows_that_diverge(tmp_path, m
     seen = []
     folder = tmp_path / "m"
     folder.mkdir()
-    pd.DataFrame({"concept_class": "moods", "concept": "Calm", "question": "Q?", "score": [0, 1, 0],
-                  "response": ["ab" * 25, "xy" * 5 + "z" * 40, "pq" * 5 + "r" * 40]}).to_csv(
-        folder / "01_generations.csv", index=False)
+    pd.DataFrame(
+        {
+            "concept_class": "moods",
+            "concept": "Calm",
+            "question": "Q?",
+            "score": [0, 1, 0],
+            "response": ["ab" * 25, "xy" * 5 + "z" * 40, "pq" * 5 + "r" * 40],
+        }
+    ).to_csv(folder / "01_generations.csv", index=False)
     monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
     table = bench.Table()
     bench.bench_loop_stopping(table, "m", Chars(), Grader())
@@ -92,10 +99,9 @@ def test_notebook_times_read_papermill_metadata(tmp_path, monkeypatch):
 
 def test_bf16_section_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     """With native bf16 (forced here on any CPU) the section measures speed and agreement; without it, one row."""
-    from steer_utils import cache, judge, pipeline
+    from steer_utils import judge, paths
 
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
     table = bench.Table()
     bench.bench_bf16(table, str(tiny_model_dir), None, "cpu")
@@ -104,11 +110,16 @@ def test_bf16_section_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     table = bench.Table()
     bench.bench_bf16(table, str(tiny_model_dir), judge.load_judge("embedding"), "cpu", n_statements=4, max_new_tokens=3)
     frame = table.frame().set_index("quantity")
-    assert {"extract, bfloat16", "generate: speed-up of bf16", "identical responses", "steerability bf16 - fp32"} \
-        <= set(frame.index)
+    assert {
+        "extract, bfloat16",
+        "generate: speed-up of bf16",
+        "identical responses",
+        "steerability bf16 - fp32",
+    } <= set(frame.index)
     assert 0 <= frame.value["identical responses"] <= 100 and 0 <= frame.value["equal judge scores"] <= 100
     assert frame.value["steerability bf16 - fp32"] == pytest.approx(
-        frame.value["steerability bf16"] - frame.value["steerability fp32"])
+        frame.value["steerability bf16"] - frame.value["steerability fp32"]
+    )
     assert "5 concepts" in frame.note["identical responses"]
     assert len(list(tmp_path.rglob("*.vector.safetensors"))) == 2 * 5, "fp32 and bf16 cached under their own keys"
 
@@ -118,11 +129,25 @@ def test_generation_section_on_a_tiny_model(sharp_model_dir):
 
     model, tokenizer, info = models.load_model(str(sharp_model_dir), dtype="float32", device="cpu")
     unit = torch.nn.functional.normalize(torch.arange(info.hidden_size, dtype=torch.float32), dim=0)
-    arms = {"a": vectors.ConceptVector(dict.fromkeys(range(info.n_blocks), unit), dict.fromkeys(range(info.n_blocks), 20.0)),
-            "b": vectors.ConceptVector(dict.fromkeys(range(info.n_blocks), -unit), dict.fromkeys(range(info.n_blocks), 20.0))}
+    arms = {
+        "a": vectors.ConceptVector(
+            dict.fromkeys(range(info.n_blocks), unit), dict.fromkeys(range(info.n_blocks), 20.0)
+        ),
+        "b": vectors.ConceptVector(
+            dict.fromkeys(range(info.n_blocks), -unit), dict.fromkeys(range(info.n_blocks), 20.0)
+        ),
+    }
     table = bench.Table()
-    bench.bench_generation(table, "tiny", model, tokenizer, arms, ["Hi there.", "Why?"],
-                           steering.default_blocks(info.n_blocks), max_new_tokens=6)
+    bench.bench_generation(
+        table,
+        "tiny",
+        model,
+        tokenizer,
+        arms,
+        ["Hi there.", "Why?"],
+        steering.default_blocks(info.n_blocks),
+        max_new_tokens=6,
+    )
     frame = table.frame().set_index("quantity")
     assert frame.value["identical responses"] == 100
     assert frame.value["speed-up"] > 0 and frame.value["ours (steering.generate)"] > 0
@@ -144,7 +169,10 @@ def test_stage_section_under_the_adopted_protocol_with_the_rfm_cap(tiny_model_di
     assert costs["examples"] == [10, 20]
     frame = table.frame()
     assert set(frame[frame.section == "stage vs statements"].quantity) == {
-        "extract (prefixed + contrast prompts)", "fit one setting, all blocks", "enrichment test"}
+        "extract (prefixed + contrast prompts)",
+        "fit one setting, all blocks",
+        "enrichment test",
+    }
     cap = frame[frame.section == "rfm cap"].set_index("quantity").value
     assert {"fit, uncapped", "fit, capped at 12", "|cosine| capped vs uncapped"} <= set(cap.index)
     assert 0 <= cap["|cosine| capped vs uncapped"] <= 1 + 1e-6

@@ -1,4 +1,5 @@
 """The benchmark files, statements, questions, prefixes and the concept sample."""
+
 from __future__ import annotations
 
 import re
@@ -54,7 +55,7 @@ def test_prefix_case_rules_and_templates():
     assert data.prefix_text("moods", "Cheerful") == "Take on a cheerful mood."
 
 
-@pytest.mark.parametrize("concept", ['{c} and {0}', 'O\'Brien "the" {s}', "Émilie du Châtelet", "x" * 250])
+@pytest.mark.parametrize("concept", ["{c} and {0}", 'O\'Brien "the" {s}', "Émilie du Châtelet", "x" * 250])
 def test_prefix_keeps_awkward_names_literal(concept):
     prefix = data.prefix_text("personas", concept)
     assert prefix == f"Take on the role of {concept}."
@@ -90,7 +91,9 @@ def test_development_split_is_apart_from_every_sample():
         sample = data.sample_concepts(n, seed=seed)
         assert not dev_names & set(zip(sample.concept_class, sample.concept)), (n, seed)
     # Excluding the split leaves the committed seed-0 samples as they were (the default profile's 20 per class).
-    committed = pd.read_csv(ROOT / "results" / "smollm2-135m" / "01_generations.csv", usecols=["concept_class", "concept"])
+    committed = pd.read_csv(
+        ROOT / "results" / "smollm2-135m" / "01_generations.csv", usecols=["concept_class", "concept"]
+    )
     sample = data.sample_concepts(20, seed=0)
     assert set(zip(committed.concept_class, committed.concept)) == set(zip(sample.concept_class, sample.concept))
 
@@ -99,8 +102,10 @@ def test_named_concepts_from_a_list_or_a_file(tmp_path):
     table = data.named_concepts(["fears/heights", " moods / Cheerful "])
     assert table.concept_class.tolist() == ["fears", "moods"]
     assert table.concept.tolist() == ["Heights", "Cheerful"]  # the benchmark's spelling
-    assert table["index"].tolist() == [data.load_concepts("fears").index("Heights"),
-                                       data.load_concepts("moods").index("Cheerful")]
+    assert table["index"].tolist() == [
+        data.load_concepts("fears").index("Heights"),
+        data.load_concepts("moods").index("Cheerful"),
+    ]
     path = tmp_path / "mine.txt"
     path.write_text("places/vienna\nmoods/Serene\n", encoding="utf-8")
     assert data.named_concepts(path).concept.tolist() == ["Vienna", "Serene"]

@@ -1,4 +1,5 @@
 """The fast greedy decoder (`steering.greedy_decode`) against `model.generate` (`steering.generate_reference`)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -19,8 +20,13 @@ def sharp(sharp_model_dir):
 
 def random_vector(info, seed: int = 0) -> vectors.ConceptVector:
     generator = torch.Generator().manual_seed(seed)
-    return vectors.ConceptVector({b: torch.nn.functional.normalize(torch.randn(info.hidden_size, generator=generator), dim=0)
-                                  for b in range(info.n_blocks)}, {b: 20.0 for b in range(info.n_blocks)})
+    return vectors.ConceptVector(
+        {
+            b: torch.nn.functional.normalize(torch.randn(info.hidden_size, generator=generator), dim=0)
+            for b in range(info.n_blocks)
+        },
+        {b: 20.0 for b in range(info.n_blocks)},
+    )
 
 
 def grid_rows(info, coefficients=(0.0, 0.5, 2.0)):
@@ -45,8 +51,9 @@ def test_fast_generation_matches_model_generate(sharp, positions):
     model, tokenizer, info = sharp
     messages, additions = grid_rows(info)
     fast = steering.generate(model, tokenizer, messages, additions, max_new_tokens=8, positions=positions)
-    reference = steering.generate_reference(model, tokenizer, messages, additions, max_new_tokens=8,
-                                            positions=positions)
+    reference = steering.generate_reference(
+        model, tokenizer, messages, additions, max_new_tokens=8, positions=positions
+    )
     assert fast == reference
     assert len(set(reference)) > len(QUESTIONS)  # the coefficients change the text, so a row mix-up would show
 
@@ -56,14 +63,19 @@ def test_rows_that_stop_leave_the_batch_with_the_same_responses(sharp, positions
     model, tokenizer, info = sharp
     messages, additions = grid_rows(info)
     with stop_token(model, None):
-        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in
-               steering.generate_reference(model, tokenizer, messages, additions, max_new_tokens=8, positions=positions)]
+        ids = [
+            tokenizer(t, add_special_tokens=False).input_ids
+            for t in steering.generate_reference(
+                model, tokenizer, messages, additions, max_new_tokens=8, positions=positions
+            )
+        ]
     stop = next(row[2] for row in ids if len(row) > 4)  # a token some row produces mid-way
     with stop_token(model, stop):
         assert steering.stop_token_ids(model, tokenizer) == [stop]
         fast = steering.generate(model, tokenizer, messages, additions, max_new_tokens=8, positions=positions)
-        reference = steering.generate_reference(model, tokenizer, messages, additions, max_new_tokens=8,
-                                                positions=positions)
+        reference = steering.generate_reference(
+            model, tokenizer, messages, additions, max_new_tokens=8, positions=positions
+        )
     assert fast == reference
     assert len({len(r) for r in reference}) > 1  # rows stopped at different steps
 
@@ -71,11 +83,19 @@ def test_rows_that_stop_leave_the_batch_with_the_same_responses(sharp, positions
 def test_greedy_decode_pads_after_the_stop_token(sharp):
     model, tokenizer, _ = sharp
     batch = tokenizer(["a b c", "a"], return_tensors="pt", padding=True, add_special_tokens=False)
-    free = steering.greedy_decode(model, batch.input_ids, batch.attention_mask, 6, [], tokenizer.pad_token_id,
-                                  lambda rows: steering.nullcontext())
+    free = steering.greedy_decode(
+        model, batch.input_ids, batch.attention_mask, 6, [], tokenizer.pad_token_id, lambda rows: steering.nullcontext()
+    )
     stop = int(free[0, 1])
-    stopped = steering.greedy_decode(model, batch.input_ids, batch.attention_mask, 6, [stop], tokenizer.pad_token_id,
-                                     lambda rows: steering.nullcontext())
+    stopped = steering.greedy_decode(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        6,
+        [stop],
+        tokenizer.pad_token_id,
+        lambda rows: steering.nullcontext(),
+    )
     for row in range(2):
         hits = (free[row] == stop).nonzero()
         end = int(hits[0]) + 1 if len(hits) else 6
@@ -120,11 +140,13 @@ def test_fast_generation_matches_model_generate_on_smollm2(positions):
     questions = ["What is your favourite place?", "How do you spend a rainy day?"]
     coefficients = (0.0, 0.05, 0.2)
     messages = [q for _ in coefficients for q in questions]
-    additions = steering.steering_additions([vector] * len(messages), [c for c in coefficients for _ in questions],
-                                            steering.default_blocks(info.n_blocks))
+    additions = steering.steering_additions(
+        [vector] * len(messages), [c for c in coefficients for _ in questions], steering.default_blocks(info.n_blocks)
+    )
     fast = steering.generate(model, tokenizer, messages, additions, max_new_tokens=24, positions=positions)
-    assert fast == steering.generate_reference(model, tokenizer, messages, additions, max_new_tokens=24,
-                                               positions=positions)
+    assert fast == steering.generate_reference(
+        model, tokenizer, messages, additions, max_new_tokens=24, positions=positions
+    )
     assert len(set(fast)) > len(questions)
 
 

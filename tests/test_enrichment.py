@@ -1,4 +1,5 @@
 """Layer enrichment: permutation p-values, BH q-values, enrichment scores and block selection on synthetic tensors."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,8 +7,15 @@ import itertools
 import pytest
 import torch
 
-from steer_utils.enrichment import (HOW, benjamini_hochberg, enrichment_scores, k_from_fraction, min_attainable_pvalue,
-                                    permutation_pvalues, select_blocks)
+from steer_utils.enrichment import (
+    HOW,
+    benjamini_hochberg,
+    enrichment_scores,
+    k_from_fraction,
+    min_attainable_pvalue,
+    permutation_pvalues,
+    select_blocks,
+)
 
 ROW = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.10])  # hand-checkable attention over m=5 user columns
 
@@ -105,7 +113,9 @@ def test_pvalues_in_range_monotone_deterministic_and_per_head(null):
 def test_benjamini_hochberg_hand_example():
     p = torch.tensor([0.01, 0.04, 0.03, 0.20], dtype=torch.float64)
     # ranks 1, 3, 2, 4: raw 0.04, 0.0533, 0.06, 0.20 -> step-up min from the top: 0.04, 0.0533, 0.0533, 0.20
-    torch.testing.assert_close(benjamini_hochberg(p), torch.tensor([0.04, 0.16 / 3, 0.16 / 3, 0.20], dtype=torch.float64))
+    torch.testing.assert_close(
+        benjamini_hochberg(p), torch.tensor([0.04, 0.16 / 3, 0.16 / 3, 0.20], dtype=torch.float64)
+    )
     grid = p.view(2, 2)
     torch.testing.assert_close(benjamini_hochberg(grid), benjamini_hochberg(p).view(2, 2))
     assert (benjamini_hochberg(torch.tensor([0.9, 1.0, 0.99])) <= 1).all()
@@ -161,17 +171,22 @@ def test_k_from_fraction():
             k_from_fraction(bad, 29)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(null="exact"), "Unknown null 'exact'"),
-    (dict(n_draws=0), "n_draws=0"),
-    (dict(rows=torch.rand(2, 3, 8)), "rows must be"),
-    (dict(user_lengths=torch.tensor([8, 8, 8])), "user_lengths must be"),
-    (dict(prefix_spans=torch.tensor([[0, 2], [3, 3]])), "non-empty span"),
-    (dict(prefix_spans=torch.tensor([[0, 2], [5, 9]])), "inside the 8 user columns"),
-    (dict(user_lengths=torch.tensor([8, 12])), "must be in 1..8"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(null="exact"), "Unknown null 'exact'"),
+        (dict(n_draws=0), "n_draws=0"),
+        (dict(rows=torch.rand(2, 3, 8)), "rows must be"),
+        (dict(user_lengths=torch.tensor([8, 8, 8])), "user_lengths must be"),
+        (dict(prefix_spans=torch.tensor([[0, 2], [3, 3]])), "non-empty span"),
+        (dict(prefix_spans=torch.tensor([[0, 2], [5, 9]])), "inside the 8 user columns"),
+        (dict(user_lengths=torch.tensor([8, 12])), "must be in 1..8"),
+    ],
+)
 def test_bad_inputs_raise(change, match):
-    kwargs = dict(rows=torch.rand(2, 3, 4, 8), user_lengths=torch.tensor([8, 8]), prefix_spans=torch.tensor([[0, 2], [1, 4]]))
+    kwargs = dict(
+        rows=torch.rand(2, 3, 4, 8), user_lengths=torch.tensor([8, 8]), prefix_spans=torch.tensor([[0, 2], [1, 4]])
+    )
     with pytest.raises(ValueError, match=match):
         permutation_pvalues(**{**kwargs, **change})
     with pytest.raises(ValueError, match="Unknown null"):

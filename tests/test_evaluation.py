@@ -1,4 +1,5 @@
 """Steerability protocols, bootstrap intervals and paired tests on small hand-made tables."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,16 +13,31 @@ from steer_utils import evaluation as ev
 
 def grid(scores: dict, setting: str = "fixed-hard", concept_class: str = "moods", concept: str = "cheerful"):
     """Generations of one concept: `scores[question_id][coefficient] = 0/1`, plus a response column."""
-    rows = [{"setting": setting, "concept_class": concept_class, "concept": concept, "question_id": q,
-             "coefficient": float(c), "score": s, "response": f"q{q} c{c}"}
-            for q, by_coef in scores.items() for c, s in by_coef.items()]
+    rows = [
+        {
+            "setting": setting,
+            "concept_class": concept_class,
+            "concept": concept,
+            "question_id": q,
+            "coefficient": float(c),
+            "score": s,
+            "response": f"q{q} c{c}",
+        }
+        for q, by_coef in scores.items()
+        for c, s in by_coef.items()
+    ]
     return pd.DataFrame(rows)
 
 
 # Best-of-grid says every question is steered (some coefficient works on each), but the coefficient
 # that wins on the select questions 0, 1 (c=4) fails on every remaining question: held-out gives 0.
-FLATTERED = {0: {1: 0, 2: 1, 4: 1}, 1: {1: 0, 2: 0, 4: 1},
-             2: {1: 1, 2: 0, 4: 0}, 3: {1: 1, 2: 0, 4: 0}, 4: {1: 0, 2: 1, 4: 0}}
+FLATTERED = {
+    0: {1: 0, 2: 1, 4: 1},
+    1: {1: 0, 2: 0, 4: 1},
+    2: {1: 1, 2: 0, 4: 0},
+    3: {1: 1, 2: 0, 4: 0},
+    4: {1: 0, 2: 1, 4: 0},
+}
 
 
 def test_best_of_grid_any_coefficient_and_smallest_scoring_coefficient():
@@ -71,16 +87,25 @@ def test_held_out_needs_two_remaining_questions():
 
 
 def test_outputs_are_sorted_and_extra_columns_are_harmless():
-    parts = [grid(FLATTERED, setting=s, concept_class=k, concept=c)
-             for s, k, c in [("b-set", "moods", "sad"), ("a-set", "fears", "spiders"), ("b-set", "fears", "heights"),
-                             ("a-set", "moods", "sad"), ("b-set", "fears", "clowns"), ("a-set", "fears", "heights")]]
+    parts = [
+        grid(FLATTERED, setting=s, concept_class=k, concept=c)
+        for s, k, c in [
+            ("b-set", "moods", "sad"),
+            ("a-set", "fears", "spiders"),
+            ("b-set", "fears", "heights"),
+            ("a-set", "moods", "sad"),
+            ("b-set", "fears", "clowns"),
+            ("a-set", "fears", "heights"),
+        ]
+    ]
     df = pd.concat(parts, ignore_index=True).assign(judge_note="ok")
     out = ev.concept_steerability(df, protocol="held_out")
     assert out.setting.tolist() == ["b-set"] * 3 + ["a-set"] * 3  # first appearance
     assert out.concept_class.tolist() == ["fears", "fears", "moods"] * 2  # benchmark order
     assert out.concept.tolist() == ["clowns", "heights", "sad", "heights", "spiders", "sad"]
-    pd.testing.assert_frame_equal(out, ev.concept_steerability(df.drop(columns=["judge_note", "response"]),
-                                                               protocol="held_out"))
+    pd.testing.assert_frame_equal(
+        out, ev.concept_steerability(df.drop(columns=["judge_note", "response"]), protocol="held_out")
+    )
 
 
 def test_bootstrap_ci_contains_mean_is_seeded_and_degenerates():
@@ -103,8 +128,15 @@ def concept_table(n_per_class: int = 20, seed: int = 0) -> pd.DataFrame:
         hard = float(rng.random() < 0.2)
         soft = 1.0 if i < int(0.8 * n_per_class) else hard
         for setting, value in (("hard", hard), ("soft", soft)):
-            rows.append({"setting": setting, "concept_class": cls, "concept": f"{cls}-{i}",
-                         "steerability": value, "steered_any": int(value > 0)})
+            rows.append(
+                {
+                    "setting": setting,
+                    "concept_class": cls,
+                    "concept": f"{cls}-{i}",
+                    "steerability": value,
+                    "steered_any": int(value > 0),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -168,3 +200,35 @@ def test_errors_are_clear():
         ev.compare_settings(table, "hard", "medium")
     with pytest.raises(ValueError, match="duplicated"):
         ev.best_of_grid(pd.concat([df, df.iloc[:1]]))
+
+
+def test_steerability_by_protocol_is_the_per_protocol_tables_stacked():
+    rng = np.random.default_rng(1)
+    scored = pd.concat(
+        [
+            grid({q: {c: int(rng.random() < 0.4) for c in (1, 2, 3)} for q in range(4)}, setting=s, concept=f"c{i}")
+            for s in ("a", "b")
+            for i in range(6)
+        ],
+        ignore_index=True,
+    )
+    per_concept, tables, stacked = ev.steerability_by_protocol(scored, seed=3)
+    assert list(per_concept) == list(tables) == list(ev.PROTOCOLS)
+    for protocol in ev.PROTOCOLS:
+        expected = ev.concept_steerability(scored, protocol=protocol)
+        assert per_concept[protocol].equals(expected)
+        assert tables[protocol].equals(ev.steerability_table(expected, seed=3))
+    assert stacked.equals(ev.stack_protocols(tables))
+
+
+def test_figures_with_bootstrap_bands_are_byte_identical_on_a_rerun(tmp_path):
+    """seaborn draws its CI bands by bootstrap: a fixed seed keeps reruns' figures identical."""
+    from steer_utils import plots
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(
+        {"coefficient": np.repeat([0.01, 0.02, 0.05], 20), "score": rng.random(60), "coherence": rng.random(60)}
+    )
+    first = plots.save_figure(plots.plot_eps_sweep(table), tmp_path / "a", "eps")
+    second = plots.save_figure(plots.plot_eps_sweep(table), tmp_path / "b", "eps")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]

@@ -1,9 +1,8 @@
 """The response judge: API, errors, and agreement with the hand-labelled cases in data/judge_cases.jsonl."""
+
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +10,16 @@ import pytest
 import torch
 
 from steer_utils import data
-from steer_utils.judge import (NON_ANSWER, agreement, confirmation_table, confirmed_scores, judge_cases, load_cases,
-                               load_judge, validation_table)
+from steer_utils.judge import (
+    NON_ANSWER,
+    agreement,
+    confirmation_table,
+    confirmed_scores,
+    judge_cases,
+    load_cases,
+    load_judge,
+    validation_table,
+)
 
 KINDS = {"positive", "paraphrase", "other-concept", "antonym", "generic", "repetition", "gibberish", "non-answer"}
 GENERATED_KINDS = KINDS | {"nonsense"}  # confident-looking text that is about nothing (e.g. "The Shadow of Zephyra")
@@ -50,8 +57,17 @@ def judged(judge, cases) -> pd.DataFrame:
 
 
 def test_cases_file_is_well_formed(cases):
-    assert set(cases.columns) >= {"concept_class", "concept", "question", "response", "label", "kind", "split",
-                                  "source", "round"}
+    assert set(cases.columns) >= {
+        "concept_class",
+        "concept",
+        "question",
+        "response",
+        "label",
+        "kind",
+        "split",
+        "source",
+        "round",
+    }
     second = cases[cases["round"] == 2]  # the re-validation on the class-contrastive protocol's responses
     assert len(second) >= 80 and set(second.concept_class) == set(data.CLASSES) and second.label.mean() >= 0.3
     assert (second.source == "generated").all() and set(second.split) == {"dev", "test"}
@@ -77,9 +93,11 @@ def test_cases_file_is_well_formed(cases):
 def test_score_api(judge):
     concepts = ["Heights", "Spiders", "Heights"]
     questions = [data.load_questions()["fears"][0]] * 3
-    responses = ["Standing at the edge of a cliff, staring at the long drop below.",
-                 "As an AI, I don't have fears.",
-                 "heights heights heights heights heights heights heights heights"]
+    responses = [
+        "Standing at the edge of a cliff, staring at the long drop below.",
+        "As an AI, I don't have fears.",
+        "heights heights heights heights heights heights heights heights",
+    ]
     threads = torch.get_num_threads()
     scores = judge.score("fears", concepts, questions, responses)
     assert torch.get_num_threads() == threads  # the judge restores torch's thread setting
@@ -107,15 +125,18 @@ def test_score_errors(judge):
         judge.score("places", ["Atlantis"], [question], ["Atlantis!"])
 
 
-@pytest.mark.parametrize("text, refusal", [
-    ("As an AI, I don't have fears or emotions.", True),
-    ("I\u2019m sorry, but I cannot answer that question.", True),
-    ("I don't have feelings, so I cannot describe my state of mind.", True),
-    ("I can't help but love Paris in the spring.", False),
-    ("I can't stop smiling today!", False),
-    ("I study how large language models learn grammar.", False),
-    ("I'm afraid of heights.", False),
-])
+@pytest.mark.parametrize(
+    "text, refusal",
+    [
+        ("As an AI, I don't have fears or emotions.", True),
+        ("I\u2019m sorry, but I cannot answer that question.", True),
+        ("I don't have feelings, so I cannot describe my state of mind.", True),
+        ("I can't help but love Paris in the spring.", False),
+        ("I can't stop smiling today!", False),
+        ("I study how large language models learn grammar.", False),
+        ("I'm afraid of heights.", False),
+    ],
+)
 def test_non_answer_patterns(text, refusal):
     assert bool(NON_ANSWER.search(text.replace("\u2019", "'"))) is refusal
 
@@ -176,8 +197,14 @@ def test_agreement_with_hand_labelled_generations(judged):
 
 
 def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
-    scored = pd.DataFrame({"setting": ["a", "a", "a", "b"], "concept": ["X", "X", "Y", "X"],
-                           "response": ["on", "off", "unlabelled", "on"], "score": [1, 1, 1, 0]})
+    scored = pd.DataFrame(
+        {
+            "setting": ["a", "a", "a", "b"],
+            "concept": ["X", "X", "Y", "X"],
+            "response": ["on", "off", "unlabelled", "on"],
+            "score": [1, 1, 1, 0],
+        }
+    )
     cases = pd.DataFrame({"concept": ["X", "X", "Y"], "response": ["on", "off", "other"], "label": [1, 0, 1]})
     confirmed = confirmed_scores(scored, cases)
     assert list(confirmed.score) == [1, 0, 0, 0] and list(confirmed.judge_score) == [1, 1, 1, 0]
@@ -187,11 +214,22 @@ def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
 
 
 def test_validation_table_counts_each_round_and_split():
-    judged = pd.DataFrame({"round": [1, 1, 1, 2, 2], "source": ["written"] * 3 + ["generated"] * 2,
-                           "split": ["dev", "dev", "test", "dev", "test"],
-                           "label": [1, 0, 1, 0, 1], "score": [1, 1, 1, 1, 0]})
+    judged = pd.DataFrame(
+        {
+            "round": [1, 1, 1, 2, 2],
+            "source": ["written"] * 3 + ["generated"] * 2,
+            "split": ["dev", "dev", "test", "dev", "test"],
+            "label": [1, 0, 1, 0, 1],
+            "score": [1, 1, 1, 1, 0],
+        }
+    )
     table = validation_table(judged).set_index(["round", "split"])
     assert table.loc[(1, "dev"), ["n", "accuracy", "precision", "false_positives"]].tolist() == [2, 0.5, 0.5, 1]
     assert table.loc[(1, "all"), ["n", "false_negatives"]].tolist() == [3, 0] and table.loc[(1, "all"), "kappa"] == 0
-    assert table.loc[(2, "all"), ["accuracy", "precision", "false_positives", "false_negatives"]].tolist() == [0, 0, 1, 1]
+    assert table.loc[(2, "all"), ["accuracy", "precision", "false_positives", "false_negatives"]].tolist() == [
+        0,
+        0,
+        1,
+        1,
+    ]
     assert table.loc[(2, "all"), "source"] == "generated"

@@ -1,7 +1,11 @@
-"""Model loading: device choice (dtype: test_precision.py), clear errors, a local tiny model, and both bundled models."""
+"""Model loading: device choice (dtype: test_precision.py), clear errors, a local tiny model, both bundled models."""
+
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,22 +42,39 @@ def test_local_tiny_model_gets_the_plain_template(tiny_model_dir):
     assert info.chat_template == "plain" and not info.has_chat_template
     assert model.config._attn_implementation == "eager"
     assert tokenizer.padding_side == "left"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi."}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("User: Hi.\nAssistant:")
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name,n_blocks,hidden,template", [("smollm2-135m", 30, 576, "native"),
-                                                          ("gemma3-270m", 18, 640, "plain")])
+@pytest.mark.parametrize(
+    "name,n_blocks,hidden,template", [("smollm2-135m", 30, 576, "native"), ("gemma3-270m", 18, 640, "plain")]
+)
 def test_bundled_model_loads_and_generates(name, n_blocks, hidden, template):
     model, tokenizer, info = models.load_model(name)
     assert (info.n_blocks, info.hidden_size, info.chat_template) == (n_blocks, hidden, template)
     assert info.dtype == "float32"  # auto is fp32 on every CPU, native bf16 or not (tests/test_precision.py)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True
+    )
     batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    runs = [model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            for _ in range(2)]
-    new = runs[0][0, batch.input_ids.shape[1]:]
+    runs = [
+        model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for _ in range(2)
+    ]
+    new = runs[0][0, batch.input_ids.shape[1] :]
     assert len(new) >= 1 and torch.equal(runs[0], runs[1])  # greedy decoding is deterministic
     assert tokenizer.decode(new).strip() != ""
+
+
+def test_importing_the_package_leaves_the_environment_alone():
+    """No process-wide HF_HUB_OFFLINE or other variable: offline loading is per call (local_files_only=True)."""
+    code = (
+        "import os; before = dict(os.environ); import steer_utils.models, steer_utils.judge, steer_utils.pipeline; "
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
+        "assert not changed, changed"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

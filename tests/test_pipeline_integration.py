@@ -1,11 +1,12 @@
 """The whole pipeline on the bundled SmolLM2 for two concepts: activations, vectors, steered grid, judge, stats."""
+
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, evaluation, judge, models, pipeline, vectors
+from steer_utils import data, evaluation, judge, models, paths, pipeline, vectors
 
 pytestmark = pytest.mark.integration
 
@@ -18,16 +19,14 @@ def smollm2():
 
 def test_two_concepts_end_to_end(smollm2, tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("cache")
-    monkeypatch.setattr(cache, "CACHE_DIR", folder)
-    monkeypatch.setattr(pipeline, "CACHE_DIR", folder)
+    monkeypatch.setattr(paths, "CACHE_DIR", folder)
     model, tokenizer, info = smollm2
     sample = pd.DataFrame({"concept_class": ["moods", "places"], "concept": ["Cheerful", "Paris"]})
     statements = data.load_statements(n=6)
     questions = {k: v[:2] for k, v in data.load_questions().items()}
     names = ["fixed-hard-rfm", "attention-soft-rfm"]
-    kwargs = dict(coefficients=(0.0, 0.03), max_new_tokens=8)
-    scored, fits = pipeline.judged_run(model, tokenizer, "smollm2-135m", sample, statements, questions, names,
-                                       judge.load_judge("embedding"), **kwargs)
+    context = pipeline.RunContext(model, tokenizer, "smollm2-135m", statements, questions, max_new_tokens=8)
+    scored, fits = pipeline.judged_run(context, sample, names, judge.load_judge("embedding"), coefficients=(0.0, 0.03))
     assert len(scored) == 2 * 2 * 2 * 2 and set(scored.score) <= {0, 1}
     assert {"relevance", "coherence", "answers_question", "reason"} <= set(scored.columns)
     unsteered = scored[scored.coefficient == 0.0]
@@ -44,13 +43,14 @@ def test_two_concepts_end_to_end(smollm2, tmp_path_factory, monkeypatch):
     assert table.steerability.between(0, 1).all()
     # A second run is served from the cache: same rows, no extraction and no generation.
     monkeypatch.setattr(pipeline, "concept_activations", lambda *a, **k: pytest.fail("recomputed activations"))
-    cached, _ = pipeline.run_concepts(model, tokenizer, "smollm2-135m", sample, statements, questions,
-                                      [pipeline.Setting.parse(s) for s in names], **kwargs)
+    cached, _ = pipeline.run_concepts(
+        context, sample, [pipeline.Setting.parse(s) for s in names], coefficients=(0.0, 0.03)
+    )
     pd.testing.assert_frame_equal(cached, scored[cached.columns].astype(cached.dtypes.to_dict()))
 
 
 def test_attention_selection_differs_from_fixed_on_a_real_model(smollm2, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     model, tokenizer, _ = smollm2
     acts = pipeline.concept_activations(model, tokenizer, "smollm2-135m", "fears", "Heights", data.load_statements(n=8))
     assert acts.tail == ["<|im_end|>", "\\n", "<|im_start|>", "ass", "istant", "\\n"]

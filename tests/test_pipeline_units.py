@@ -1,15 +1,37 @@
 """Extraction, token selection, labels, vectors and steering on tiny random models (exact identities)."""
+
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, extraction, labels, models, pipeline, selection, steering, vectors
+from steer_utils import (
+    cache,
+    data,
+    enrichment,
+    evaluation,
+    extraction,
+    labels,
+    layers,
+    models,
+    paths,
+    pipeline,
+    selection,
+    steering,
+    vectors,
+)
 from steer_utils.extraction import extract, extract_reference, find_blocks, shared_length, user_layout
 
-STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
-              "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
+STATEMENTS = [
+    "Patience usually beats raw talent over a long career.",
+    "Small towns remember everything.",
+    "Most habits are easier to start than to break.",
+    "A good teacher changes more lives than a good law.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +70,9 @@ def test_extraction_matches_a_simple_reference_pass(tiny, prompts):
     out = model(ids, output_hidden_states=True, output_attentions=True)
     start, end = prefixed[0].prefix_span
     for block in range(info.n_blocks - 1):  # the last entry of hidden_states is after the final norm
-        torch.testing.assert_close(ours.hidden[0, block], out.hidden_states[block + 1][0, -n_tail:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.hidden[0, block], out.hidden_states[block + 1][0, -n_tail:], atol=1e-5, rtol=1e-5
+        )
     for block in range(info.n_blocks):
         expected = out.attentions[block][0, :, -n_tail:, start:end].sum(-1)  # (heads, n_tail)
         torch.testing.assert_close(ours.attn_prefix[0, block], expected, atol=1e-6, rtol=1e-5)
@@ -59,15 +83,16 @@ def test_extraction_matches_a_simple_reference_pass(tiny, prompts):
 # bf16: one rounding is 2^-8 of a value; AMX/oneDNN kernels and the emulated path accumulate in different orders,
 # so a few roundings per block are allowed (tests/test_precision.py checks that a one-position shift, what a
 # padding or position-id bug does, still exceeds these bounds).
-HIDDEN_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2 ** -7)}
-ATTENTION_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2 ** -7)}
+HIDDEN_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2**-7)}
+ATTENTION_TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2**-7)}
 LABEL_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (0.05, 0.05)}  # (atol, rtol) of the soft labels
 VECTOR_COSINE = {torch.float32: 0.999, torch.bfloat16: 0.99}
 VAL_CORR_TIE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # grid points whose held-out |corr| differ by this tie
 
 
-def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, concept: str, statements: list[str],
-                                       batch_size: int = 3) -> None:
+def assert_fast_path_matches_reference(
+    model, tokenizer, concept_class: str, concept: str, statements: list[str], batch_size: int = 3
+) -> None:
     """Shared-prefix batched extraction vs the batch-1 two-pass loop: same hidden states (all blocks but the last,
     which `output_hidden_states` returns after the final norm), attention sums, labels and vectors, within the
     tolerances of the model's precision."""
@@ -76,7 +101,10 @@ def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, con
     prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, statements)
     n_tail = len(data.shared_tail(prefixed + plain))
     assert shared_length(prefixed, n_tail) > 0  # the fast path really reuses a shared part
-    fast = [extract(model, p, n_tail, tokenizer.pad_token_id, batch_size, keep_user_attention=True) for p in (prefixed, plain)]
+    fast = [
+        extract(model, p, n_tail, tokenizer.pad_token_id, batch_size, keep_user_attention=True)
+        for p in (prefixed, plain)
+    ]
     slow = [extract_reference(model, p, n_tail) for p in (prefixed, plain)]
     for ours, ref in zip(fast, slow):
         scale = ref.hidden.abs().amax()
@@ -97,11 +125,17 @@ def assert_fast_path_matches_reference(model, tokenizer, concept_class: str, con
     y_atol, y_rtol = LABEL_TOLERANCE[dtype]
     torch.testing.assert_close(y_fast[:, same], y_ref[:, same], atol=y_atol, rtol=y_rtol)
     keep = slice(0, x_fast.shape[1] - 1)
-    (v_fast, fit_fast), (v_ref, fit_ref) = (vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref)))
+    (v_fast, fit_fast), (v_ref, fit_ref) = (
+        vectors.fit_rfm(x[:, keep], y[:, keep]) for x, y in ((x_fast, y_fast), (x_ref, y_ref))
+    )
     # Likewise a block may fit with another (bandwidth, normalisation) only where the two grid points' held-out
     # correlations tie (seen on SmolLM2 with Intel's fp32 kernels: 0.89702 vs 0.89730 at block 22, cosine 0.98).
-    same_fit = torch.tensor([(a["bandwidth"], a["row_normalise"]) == (b["bandwidth"], b["row_normalise"])
-                             for a, b in zip(fit_fast, fit_ref)])
+    same_fit = torch.tensor(
+        [
+            (a["bandwidth"], a["row_normalise"]) == (b["bandwidth"], b["row_normalise"])
+            for a, b in zip(fit_fast, fit_ref)
+        ]
+    )
     corr_gap = torch.tensor([abs(a["val_corr"] - b["val_corr"]) for a, b in zip(fit_fast, fit_ref)])
     assert (same_fit | (corr_gap <= VAL_CORR_TIE[dtype])).all(), corr_gap
     compared = same[keep] & same_fit
@@ -184,8 +218,11 @@ def test_rfm_recovers_a_planted_direction_with_per_block_signs():
 
 
 def test_concept_vector_round_trip(tmp_path):
-    vec = vectors.ConceptVector({1: torch.tensor([0.6, 0.8]), 2: torch.tensor([1.0, 0.0])}, {1: 3.5, 2: 4.0},
-                                {"model": "m", "concept": "Cheerful", "method": "rfm"})
+    vec = vectors.ConceptVector(
+        {1: torch.tensor([0.6, 0.8]), 2: torch.tensor([1.0, 0.0])},
+        {1: 3.5, 2: 4.0},
+        {"model": "m", "concept": "Cheerful", "method": "rfm"},
+    )
     vec.save(tmp_path / "v.safetensors")
     back = vectors.ConceptVector.load(tmp_path / "v.safetensors")
     assert back.norms == vec.norms and back.metadata == vec.metadata
@@ -199,7 +236,9 @@ def _hook_ids(model):
 
 def _capture(model, block):
     seen = {}
-    handle = find_blocks(model)[block].register_forward_hook(lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone()))
+    handle = find_blocks(model)[block].register_forward_hook(
+        lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone())
+    )
     return seen, handle
 
 
@@ -245,20 +284,24 @@ def test_hooks_are_removed_on_exceptions(tiny):
 
 def test_batched_generation_matches_single_rows(tiny):
     model, tokenizer, info = tiny
-    vec = vectors.ConceptVector({b: torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0)
-                                 for b in range(info.n_blocks)}, {b: 5.0 for b in range(info.n_blocks)})
-    grid = steering.generate_grid(model, tokenizer, {"s": vec}, ["Hi there.", "Tell me more."], [0.0, 2.0],
-                                  [0, 1], max_new_tokens=5)
+    vec = vectors.ConceptVector(
+        {b: torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0) for b in range(info.n_blocks)},
+        {b: 5.0 for b in range(info.n_blocks)},
+    )
+    grid = steering.generate_grid(
+        model, tokenizer, {"s": vec}, ["Hi there.", "Tell me more."], [0.0, 2.0], [0, 1], max_new_tokens=5
+    )
     assert list(grid.coefficient) == [0.0, 0.0, 2.0, 2.0] and list(grid.question_id) == [0, 1, 0, 1]
     plain = steering.generate(model, tokenizer, ["Hi there.", "Tell me more."], max_new_tokens=5)
     assert list(grid.response[:2]) == plain
-    alone = steering.generate(model, tokenizer, ["Tell me more."], steering.steering_additions([vec], [2.0], [0, 1]),
-                              max_new_tokens=5)
+    alone = steering.generate(
+        model, tokenizer, ["Tell me more."], steering.steering_additions([vec], [2.0], [0, 1]), max_new_tokens=5
+    )
     assert grid.response[3] == alone[0]
 
 
 def test_cache_computes_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     calls = []
     compute = lambda: calls.append(1) or {"x": torch.arange(3)}  # noqa: E731
     key = cache.cache_key("stage", 1, a=1)
@@ -282,22 +325,28 @@ def test_per_row_block_sets_steer_only_their_blocks():
 def test_block_sets_and_scaled_grid_on_a_planted_score():
     scores = torch.tensor([1.0, 0.0, 0.9, 0.8, 0.0, 0.1, 0.2, 0.0, 0.7])  # block 0 is never steered
     evidence = torch.arange(9, dtype=torch.float64) / 10  # breaks the ties between the zero-score blocks
-    sets = pipeline.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)
+    sets = layers.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)
     assert sets["all"] == list(range(1, 9))
     assert sets["top-25%"] == [2, 3] and sets["bottom-25%"] == [1, 4]  # k = 2 of 8; ties -> lower evidence
     assert sets["top-50%"] == [2, 3, 6, 8] and sets["bottom-50%"] == [1, 4, 5, 7]
     assert sets["random-25%-d0"] != sets["random-25%-d1"] or sets["random-50%-d0"] != sets["random-50%-d1"]
     assert all(0 not in blocks and len(blocks) == len(set(blocks)) for blocks in sets.values())
-    assert sets == pipeline.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)  # seeded
+    assert sets == layers.block_sets(scores, evidence, fractions=(0.25, 0.5), n_random=2, seed=0)  # seeded
 
 
 def test_average_draws_merges_random_draws_only():
     from steer_utils import evaluation
 
-    table = pd.DataFrame({"setting": ["top-25%", "random-25%-d0", "random-25%-d1", "random-25%-d2"] * 2,
-                          "concept_class": ["moods"] * 8, "concept": ["a"] * 4 + ["b"] * 4,
-                          "steerability": [1.0, 0.2, 0.4, 0.6, 0.0, 1.0, 0.0, 0.0],
-                          "steered_any": [1, 1, 1, 0, 0, 1, 0, 0], "n_questions": [5] * 8})
+    table = pd.DataFrame(
+        {
+            "setting": ["top-25%", "random-25%-d0", "random-25%-d1", "random-25%-d2"] * 2,
+            "concept_class": ["moods"] * 8,
+            "concept": ["a"] * 4 + ["b"] * 4,
+            "steerability": [1.0, 0.2, 0.4, 0.6, 0.0, 1.0, 0.0, 0.0],
+            "steered_any": [1, 1, 1, 0, 0, 1, 0, 0],
+            "n_questions": [5] * 8,
+        }
+    )
     merged = evaluation.average_draws(table)
     assert list(merged.setting) == ["top-25%", "top-25%", "random-25%", "random-25%"]
     random = merged[merged.setting == "random-25%"].set_index("concept")
@@ -312,9 +361,15 @@ def test_concept_enrichment_finds_a_planted_block():
     attn_prefix = attn_user[..., :3].sum(-1).transpose(2, 3)  # (n, n_blocks, n_heads, n_tail)
     hidden = torch.zeros(n, n_blocks, n_tail, 4)
     acts = pipeline.ConceptActivations(
-        "moods", "cheerful", extraction.Activations(hidden, attn_prefix, attn_user), extraction.Activations(hidden, attn_prefix),
-        ["a", "b", "c"], torch.full((n,), width), torch.tensor([[0, 3]] * n))
-    table = pipeline.concept_enrichment(acts, n_draws=200)
+        "moods",
+        "cheerful",
+        extraction.Activations(hidden, attn_prefix, attn_user),
+        extraction.Activations(hidden, attn_prefix),
+        ["a", "b", "c"],
+        torch.full((n,), width),
+        torch.tensor([[0, 3]] * n),
+    )
+    table = layers.concept_enrichment(acts, n_draws=200)
     assert table.score.tolist() == [0.0, 0.0, 1.0, 0.0] and table.selected[2] == 1
     assert table.depth.tolist() == [0.0, 1 / 3, 2 / 3, 1.0] and (table.score_fdr <= 1).all()
 
@@ -326,12 +381,12 @@ def test_layer_selection_key_is_the_same_with_or_without_explicit_enrichment_def
         keys.append(cache.cache_key(stage, version, **inputs))
         raise StopIteration
 
-    monkeypatch.setattr(pipeline, "cache_key", stop)
+    monkeypatch.setattr(layers, "cache_key", stop)
     model = torch.nn.Linear(2, 2)  # only its dtype enters the key
-    args = (model, None, "m", "moods", "Cheerful", STATEMENTS, ["Q?"])
+    args = (pipeline.RunContext(model, None, "m", STATEMENTS, {"moods": ["Q?"]}), "moods", "Cheerful")
     for kwargs in [{}, dict(null="scattered", n_draws=1000, alpha=0.01, fdr_level=0.05), dict(n_draws=10)]:
         with pytest.raises(StopIteration):
-            pipeline.run_layer_selection(*args, **kwargs)
+            layers.run_concept(*args, **kwargs)
     assert keys[0] == keys[1] != keys[2]  # notebook 05 (no kwargs) reuses notebook 03's entries (all four given)
 
 
@@ -357,3 +412,50 @@ def test_rfm_above_the_cap_fits_the_stratified_subsample_and_below_it_changes_no
     capped, _ = vectors.fit_rfm(X, y, iters=2, max_examples=30)
     torch.testing.assert_close(capped, vectors.fit_rfm(X[keep], y[keep], iters=2, max_examples=None)[0])
     assert not torch.allclose(capped, uncapped)
+
+
+def test_every_stage_addresses_the_cache_through_entry_path(tmp_path, monkeypatch):
+    """One path function, the cache folder read at call time: patching paths.CACHE_DIR moves every stage."""
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
+    assert cache.cache_dir() == tmp_path
+    assert cache.entry_path("generations", "k", ".csv", "org/m") == tmp_path / "generations" / "org--m" / "k.csv"
+    assert cache.entry_path("activations", "k", ".safetensors") == tmp_path / "activations" / "k.safetensors"
+    with pytest.raises(ValueError, match="needs model name"):
+        cache.entry_path("layers", "k", ".csv")
+    with pytest.raises(ValueError, match="takes no model name"):
+        cache.entry_path("activations", "k", model="m")
+    package = Path(cache.__file__).parent
+    for module in package.glob("*.py"):  # nobody else joins CACHE_DIR or copies it
+        text = module.read_text()
+        assert module.name in ("paths.py", "cache.py") or not re.search(r"\bCACHE_DIR\b", text), module.name
+
+
+def test_tail_tokens_and_smallest_pvalues_need_no_extraction(tiny, tmp_path, monkeypatch):
+    """The tokenising shortcuts of notebooks 01 and 03 give what the extracted activations hold."""
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
+    model, tokenizer, _ = tiny
+    acts = pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, cached=False)
+    assert pipeline.tail_tokens(tokenizer, "moods", "Cheerful", STATEMENTS) == acts.tail
+    table = layers.smallest_pvalues(tokenizer, "moods", "Cheerful", STATEMENTS, n_draws=50)
+    user_length, prefix_length = int(acts.user_lengths.min()), int(acts.prefix_spans.diff(dim=1).max())
+    assert table.null.tolist() == list(enrichment.NULLS)
+    assert table.shortest_user_text.eq(user_length).all() and table.longest_prefix.eq(prefix_length).all()
+    assert table.smallest_p.tolist() == [
+        enrichment.min_attainable_pvalue(user_length, prefix_length, null, 50) for null in enrichment.NULLS
+    ]
+
+
+def test_block_set_order_and_pairs_name_the_sets_block_sets_makes():
+    sets = layers.block_sets(torch.arange(12.0), torch.zeros(12), fractions=(0.25, 0.5), n_random=2)
+    names = {re.sub(evaluation.DRAW_SUFFIX, "", name) for name in sets}
+    assert set(layers.block_set_order((0.25, 0.5))) == names
+    assert layers.block_set_order((0.25,)) == ["all", "top-25%", "random-25%", "bottom-25%"]
+    assert layers.block_set_pairs((0.25, 0.5)) == [
+        ("bottom-25%", "top-25%"),
+        ("random-25%", "top-25%"),
+        ("bottom-50%", "top-50%"),
+        ("random-50%", "top-50%"),
+        ("all", "top-25%"),
+        ("all", "top-50%"),
+    ]
+    assert {name for pair in layers.block_set_pairs((0.25, 0.5)) for name in pair} <= names

@@ -3,6 +3,7 @@
 The bf16 tests force the code path a CPU with AMX / AVX512-BF16 takes (monkeypatching the capability check) on a
 tiny random model, so a bf16-only failure shows on the AMD machines too (bf16 is emulated there, slow but exact).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -131,8 +132,12 @@ def test_many_rfm_fits_in_one_process_finish_and_match_single_fits(tmp_path):
     """20 concepts fitted back to back in a fresh process (where MKL's batched LU once hung) finish within the
     timeout and give the vectors each concept gets when fitted alone here."""
     n_concepts, out = 20, tmp_path / "many.pt"
-    subprocess.run([sys.executable, "-c", textwrap.dedent(_MANY_FITS), str(out), str(n_concepts)], check=True,
-                   timeout=600, cwd=str(ROOT))
+    subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_MANY_FITS), str(out), str(n_concepts)],
+        check=True,
+        timeout=600,
+        cwd=str(ROOT),
+    )
     many = torch.load(out)  # (n_concepts, n_blocks, d)
     assert many.shape == (n_concepts, 3, 48) and torch.isfinite(many).all()
     for index in (0, n_concepts // 2, n_concepts - 1):

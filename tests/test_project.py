@@ -1,8 +1,10 @@
 """Project hygiene: pinned environment files agree, the Makefile lists its targets, notebooks follow the rules."""
+
 from __future__ import annotations
 
 import ast
 import json
+import os
 import platform
 import subprocess
 
@@ -10,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import lockfile, models, profiles, provenance
+from steer_utils import lockfile, models, paths, profiles, provenance
 from steer_utils.paths import NOTEBOOKS_DIR, ROOT
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -30,7 +32,19 @@ def test_makefile_help_lists_each_target():
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")}
     notebooks = next(line for line in out.splitlines() if line.startswith("  one notebook:")).split(":")[1].split()
-    assert {"install", "all", "merge", "bench", "test", "clean", "cache-info", "clean-cache", "lock"} <= listed
+    assert {
+        "install",
+        "all",
+        "merge",
+        "bench",
+        "report",
+        "lint",
+        "test",
+        "clean",
+        "cache-info",
+        "clean-cache",
+        "lock",
+    } <= listed
     assert notebooks == [p.stem for p in NOTEBOOKS]
 
 
@@ -49,11 +63,19 @@ def _dry_run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_makefile_passes_dtype_to_the_notebooks_that_load_a_model():
-    commands = [line for line in _dry_run("all", "MODELS=m", "DTYPE=bfloat16").stdout.splitlines()
-                if "notebooks/" in line and ".ipynb runs/" in line]
+    commands = [
+        line
+        for line in _dry_run("all", "MODELS=m", "DTYPE=bfloat16").stdout.splitlines()
+        if "notebooks/" in line and ".ipynb runs/" in line
+    ]
     with_dtype = {line.split("notebooks/")[1].split(".ipynb")[0] for line in commands if "-p dtype bfloat16" in line}
-    assert with_dtype == {"01_token_selection", "02_soft_vs_hard_labels", "03_layer_enrichment", "05_baselines",
-                          "06_steering_protocol"}
+    assert with_dtype == {
+        "01_token_selection",
+        "02_soft_vs_hard_labels",
+        "03_layer_enrichment",
+        "05_baselines",
+        "06_steering_protocol",
+    }
     assert len(commands) == len(NOTEBOOKS)  # 00 and 04 run too, without a dtype
     assert "-p dtype auto" in _dry_run("01_token_selection", "MODELS=m").stdout  # the default
     refused = _dry_run("01_token_selection", "DTYPE=fp64")
@@ -84,3 +106,21 @@ def test_notebook_structure(path):
             assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree))
             marked = "NBVAL_CHECK_OUTPUT" in "".join(cell["source"])
             assert marked or not cell.get("outputs"), "only NBVAL_CHECK_OUTPUT cells keep stored outputs"
+
+
+def test_a_notebook_names_the_results_it_needs_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
+    assert paths.missing_inputs("05_baselines", ["org/new"]) == [
+        f"05_baselines needs {tmp_path / 'org--new' / '03_steerability.csv'}; run `make 03_layer_enrichment "
+        "MODELS=org/new` first."
+    ]
+    (tmp_path / "org--new" / "protocol-paper").mkdir(parents=True)
+    (tmp_path / "org--new" / "protocol-paper" / "03_steerability.csv").write_text("x\n")
+    assert paths.missing_inputs("05_baselines", ["org/new"], "protocol-paper") == []
+    assert paths.missing_inputs("01_token_selection", ["org/new"]) == []  # reads no other notebook's results
+    env = dict(os.environ, STEER_RESULTS_DIR=str(tmp_path))
+    out = subprocess.run(
+        ["make", "-s", "04_multi_model_scaling", "MODELS=org/new"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "run `make 00_data_prep MODELS=org/new` first." in out.stderr
+    assert "run `make 01_token_selection MODELS=org/new` first." in out.stderr and "papermill" not in out.stdout

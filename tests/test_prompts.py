@@ -1,4 +1,5 @@
 """Prompt rendering and token bookkeeping: prefix spans and the shared tail, on three tokenizers."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,11 +8,20 @@ from steer_utils import data, models
 
 from .conftest import build_tiny_tokenizer
 
-CONCEPTS = [("fears", "Needles or sharp objects"), ("places", "Bogotá"), ("personas", "Alhazen (Ibn al-Haytham)"),
-            ("experts", "High-Energy Particle Physicist"), ("moods", "Naïve"), ("personas", 'Q "{c}" {0} O\'Neil')]
+CONCEPTS = [
+    ("fears", "Needles or sharp objects"),
+    ("places", "Bogotá"),
+    ("personas", "Alhazen (Ibn al-Haytham)"),
+    ("experts", "High-Energy Particle Physicist"),
+    ("moods", "Naïve"),
+    ("personas", 'Q "{c}" {0} O\'Neil'),
+]
 STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything."]
-EXPECTED_TAIL = {"tiny": "<|im_end|>\n<|im_start|>assistant\n", "smollm2-135m": "<|im_end|>\n<|im_start|>assistant\n",
-                 "gemma3-270m": "\nAssistant:"}
+EXPECTED_TAIL = {
+    "tiny": "<|im_end|>\n<|im_start|>assistant\n",
+    "smollm2-135m": "<|im_end|>\n<|im_start|>assistant\n",
+    "gemma3-270m": "\nAssistant:",
+}
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2-135m", "gemma3-270m"])
@@ -29,8 +39,9 @@ def test_prefix_span_decodes_to_the_prefix(named_tokenizer, concept_class, conce
         start, end = prompt.prefix_span
         assert prompt.user_start <= start < end <= prompt.tail_start
         assert tokenizer.decode(prompt.input_ids[start:end]).strip() == data.prefix_text(concept_class, concept)
-        assert tokenizer.decode(prompt.input_ids[prompt.user_start:prompt.tail_start]).strip() == data.user_text(
-            STATEMENTS[prefixed.index(prompt)], data.prefix_text(concept_class, concept))
+        assert tokenizer.decode(prompt.input_ids[prompt.user_start : prompt.tail_start]).strip() == data.user_text(
+            STATEMENTS[prefixed.index(prompt)], data.prefix_text(concept_class, concept)
+        )
     assert all(p.prefix_span is None for p in plain)
 
 
@@ -42,7 +53,7 @@ def test_shared_tail_is_the_template_after_the_user_text(named_tokenizer):
         prompts += prefixed + plain
     tail = data.shared_tail(prompts)
     assert tokenizer.decode(tail) == EXPECTED_TAIL[name]
-    assert all(p.n_tail == len(tail) and p.input_ids[-len(tail):] == tail for p in prompts)
+    assert all(p.n_tail == len(tail) and p.input_ids[-len(tail) :] == tail for p in prompts)
 
 
 def test_prompt_token_table_marks_parts(named_tokenizer):
@@ -53,7 +64,7 @@ def test_prompt_token_table_marks_parts(named_tokenizer):
     start, end = prefixed[0].prefix_span
     assert (table.part == "prefix").sum() == end - start
     assert (table.part == "tail").sum() == len(tail)
-    assert list(table.part.iloc[-len(tail):]) == ["tail"] * len(tail)
+    assert list(table.part.iloc[-len(tail) :]) == ["tail"] * len(tail)
     assert table.part.iloc[0] == ("template" if prefixed[0].user_start > 0 else "prefix")
 
 

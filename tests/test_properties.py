@@ -1,5 +1,6 @@
 """Property tests (hypothesis): prompt building and token-span bookkeeping on the tiny and both bundled tokenizers,
 label scaling, token selection (Eq. 3) and the permutation test's p-values. Derandomized, so CI is deterministic."""
+
 from __future__ import annotations
 
 import string
@@ -32,6 +33,7 @@ def _special_strings(tokenizer) -> list[str]:
 
 # -- prompts and spans -----------------------------------------------------------------------------------------------
 
+
 def test_prompt_spans_and_tail(tokenizer):
     specials = _special_strings(tokenizer)
 
@@ -49,8 +51,8 @@ def test_prompt_spans_and_tail(tokenizer):
         assert prefix in decoded
         assert data.concept_text(concept_class, concept) in decoded
         # The shared tail: the same tokens after the user text, with or without the prefix.
-        assert p.n_tail >= 1 and p.input_ids[p.tail_start:] == q.input_ids[q.tail_start:]
-        assert data.shared_tail([p, q]) == p.input_ids[p.tail_start:]
+        assert p.n_tail >= 1 and p.input_ids[p.tail_start :] == q.input_ids[q.tail_start :]
+        assert data.shared_tail([p, q]) == p.input_ids[p.tail_start :]
         assert data.user_text(statement, prefix) in p.text and data.user_text(statement) in q.text
 
     check()
@@ -58,8 +60,11 @@ def test_prompt_spans_and_tail(tokenizer):
 
 # -- labels ----------------------------------------------------------------------------------------------------------
 
-attention = st.integers(1, 6).flatmap(lambda n: st.integers(1, 4).flatmap(lambda b: st.lists(
-    st.lists(st.floats(0, 1, width=32), min_size=b, max_size=b), min_size=n, max_size=n)))
+attention = st.integers(1, 6).flatmap(
+    lambda n: st.integers(1, 4).flatmap(
+        lambda b: st.lists(st.lists(st.floats(0, 1, width=32), min_size=b, max_size=b), min_size=n, max_size=n)
+    )
+)
 
 
 @FEW
@@ -137,6 +142,7 @@ def test_token_selection(attn, shift, data_):
 
 # -- permutation p-values --------------------------------------------------------------------------------------------
 
+
 @st.composite
 def enrichment_inputs(draw):
     n, n_blocks, n_heads = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
@@ -155,8 +161,12 @@ def enrichment_inputs(draw):
 
 
 @FEW
-@given(inputs=enrichment_inputs(), null=st.sampled_from(NULLS), n_draws=st.sampled_from([5, 40, 300]),
-       seed=st.integers(0, 3))
+@given(
+    inputs=enrichment_inputs(),
+    null=st.sampled_from(NULLS),
+    n_draws=st.sampled_from([5, 40, 300]),
+    seed=st.integers(0, 3),
+)
 def test_permutation_pvalues(inputs, null, n_draws, seed):
     rows, bumps, lengths, spans = inputs
     p = permutation_pvalues(rows, lengths, spans, null, n_draws, seed)

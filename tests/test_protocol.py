@@ -1,5 +1,6 @@
 """The steering protocol (protocol.py) and notebook 06's study (study.py): exact identities on tiny random models and
 the study's tables on planted generations."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import cache, data, extraction, models, paths, pipeline, steering, study, vectors
+from steer_utils import data, evaluation, extraction, layers, models, paths, pipeline, steering, study, vectors
 from steer_utils.extraction import find_blocks
 from steer_utils.protocol import ADOPTED, PAPER, Protocol, output_variant, resolve_protocol
 
-STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
-              "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law."]
+STATEMENTS = [
+    "Patience usually beats raw talent over a long career.",
+    "Small towns remember everything.",
+    "Most habits are easier to start than to break.",
+    "A good teacher changes more lives than a good law.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +29,7 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture()
 def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(study, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     return tmp_path
 
 
@@ -57,7 +60,8 @@ def test_system_prompts_render_as_asked(tiny_tokenizer):
     default = data.render_prompt(tiny_tokenizer, "Hi")
     assert "system" not in default
     assert data.render_prompt(tiny_tokenizer, "Hi", Protocol(system_prompt="empty").system).startswith(
-        "<|im_start|>system\n<|im_end|>")
+        "<|im_start|>system\n<|im_end|>"
+    )
     neutral = data.render_prompt(tiny_tokenizer, "Hi", Protocol(system_prompt="neutral").system)
     assert "Reply to the user." in neutral and neutral.endswith("<|im_start|>assistant\n")
     prompt = data.encode_prompt(tiny_tokenizer, "Take on a calm mood. Hi", "Take on a calm mood.", system="")
@@ -90,11 +94,13 @@ def test_answer_positions_steer_only_the_last_prompt_token_and_decoding_steps(ti
     ids = torch.tensor([tokenizer("A small test sentence.")["input_ids"]])
     v = torch.nn.functional.normalize(torch.randn(info.hidden_size, generator=torch.Generator().manual_seed(1)), dim=0)
     additions = steering.steering_additions([vectors.ConceptVector({1: v}, {1: 3.0})], [0.5], [1])
+
     def block_output(ids: torch.Tensor, positions: str | None) -> torch.Tensor:
         seen = {}
         with steering.steer(model, additions, positions) if positions else contextlib.nullcontext():
             handle = find_blocks(model)[1].register_forward_hook(  # after the steering hook: sees its output
-                lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone()))
+                lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o).clone())
+            )
             try:
                 model(ids)
             finally:
@@ -112,12 +118,15 @@ def test_answer_positions_steer_only_the_last_prompt_token_and_decoding_steps(ti
 
 def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_cache):
     model, tokenizer, info = tiny
-    acts = pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS,
-                                        protocol=Protocol(contrast=2))
+    acts = pipeline.concept_activations(
+        model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, protocol=Protocol(contrast=2)
+    )
     assert acts.contrast.hidden.shape == (2 * len(STATEMENTS), *acts.prefixed.hidden.shape[1:])
     others = data.neighbour_concepts("moods", "Cheerful", 2)
     first_other = pipeline.concept_activations(model, tokenizer, "tiny", "moods", others[0], STATEMENTS)
-    torch.testing.assert_close(acts.contrast.hidden[:len(STATEMENTS)], first_other.prefixed.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        acts.contrast.hidden[: len(STATEMENTS)], first_other.prefixed.hidden, atol=1e-5, rtol=1e-5
+    )
     features, y, is_prefixed, chosen = pipeline.training_set(acts, pipeline.Setting.parse("attention-soft-rfm"))
     n = len(STATEMENTS)
     assert features.shape[0] == 4 * n and y.shape == (4 * n, info.n_blocks)
@@ -125,45 +134,50 @@ def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_ca
     assert (y[n:] == 0).all() and y[:n].max() == 1
     plain, _, _, _ = pipeline.training_set(
         pipeline.concept_activations(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, protocol=PAPER),
-        pipeline.Setting.parse("attention-soft-rfm"))
-    torch.testing.assert_close(features[:2 * n], plain, atol=1e-5, rtol=1e-5)  # the paper's rows come first
+        pipeline.Setting.parse("attention-soft-rfm"),
+    )
+    torch.testing.assert_close(features[: 2 * n], plain, atol=1e-5, rtol=1e-5)  # the paper's rows come first
 
 
 def test_enrichment_extracts_no_contrast_concept_and_equals_the_papers(tiny, tmp_cache, monkeypatch):
     model, tokenizer, _ = tiny
     sample = pd.DataFrame({"concept_class": ["moods"], "concept": ["Cheerful"]})
-    paper = pipeline.enrichment_tables(model, tokenizer, "tiny", sample, STATEMENTS, protocol=PAPER, n_draws=20)
+    context = pipeline.RunContext(model, tokenizer, "tiny", STATEMENTS, {})
+    paper = layers.enrichment_tables(context, sample, protocol=PAPER, n_draws=20)
     extracted = []
-    monkeypatch.setattr(pipeline, "extract_cached", lambda m, k, prompts, *a, **kw: extracted.append(prompts) or
-                        extraction.extract(m, prompts, *a[:2], **kw))
-    contrast = pipeline.enrichment_tables(model, tokenizer, "tiny", sample, STATEMENTS, protocol=Protocol(contrast=2),
-                                          n_draws=20)
+    monkeypatch.setattr(
+        pipeline,
+        "extract_cached",
+        lambda m, k, prompts, *a, **kw: extracted.append(prompts) or extraction.extract(m, prompts, *a[:2], **kw),
+    )
+    contrast = layers.enrichment_tables(context, sample, protocol=Protocol(contrast=2), n_draws=20)
     assert len(extracted) == 2 and all(len(p) == len(STATEMENTS) for p in extracted)  # prefixed and unprefixed
     pd.testing.assert_frame_equal(paper, contrast)
 
 
 def test_paper_protocol_keeps_its_cache_keys_and_others_get_their_own(tiny):
     model, _, _ = tiny
-    args = (model, "tiny", "moods", "Cheerful", STATEMENTS, ["Q?"], [pipeline.Setting.parse("attention-soft-rfm")])
+    context = pipeline.RunContext(model, None, "tiny", STATEMENTS, {"moods": ["Q?"]})
+    args = (context, "moods", "Cheerful", [pipeline.Setting.parse("attention-soft-rfm")])
     paper = pipeline.generation_keys(*args, protocol=PAPER)
     assert pipeline.generation_keys(*args) == pipeline.generation_keys(*args, protocol=ADOPTED) != paper
-    keys = {pipeline.generation_keys(*args, protocol=p)["attention-soft-rfm"]
-            for p in (PAPER, Protocol(scaling="mean_norm"), Protocol(positions="answer"), Protocol(contrast=1))}
+    keys = {
+        pipeline.generation_keys(*args, protocol=p)["attention-soft-rfm"]
+        for p in (PAPER, Protocol(scaling="mean_norm"), Protocol(positions="answer"), Protocol(contrast=1))
+    }
     assert len(keys) == 4
 
 
 def test_run_concept_applies_the_protocol(tiny, tmp_cache):
     model, tokenizer, info = tiny
     setting = [pipeline.Setting.parse("attention-hard-rfm")]
-    common = dict(coefficients=[0.0, 4.0], max_new_tokens=4)
-    paper, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting, **common,
-                                    protocol=PAPER)
-    same, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting,
-                                   **common, protocol=Protocol(positions="all"))
+    context = pipeline.RunContext(model, tokenizer, "tiny", STATEMENTS, {"moods": ["Hi?"]}, max_new_tokens=4)
+    common = (context, "moods", "Cheerful", setting, [0.0, 4.0])
+    paper, _ = pipeline.run_concept(*common, protocol=PAPER)
+    same, _ = pipeline.run_concept(*common, protocol=Protocol(positions="all"))
     pd.testing.assert_frame_equal(paper, same)  # the paper protocol, spelled out: the same entry
     assert "protocol" not in paper.columns
-    flat, _ = pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"], setting,
-                                   **common, protocol=Protocol(blocks="middle", scaling="mean_norm"))
+    flat, _ = pipeline.run_concept(*common, protocol=Protocol(blocks="middle", scaling="mean_norm"))
     assert set(flat.protocol) == {"blocks=middle,scaling=mean_norm"}
     assert list(flat.eps) == [0.0, 4.0 * Protocol(blocks="middle").steered_blocks(info.n_blocks)[1]]
     assert flat.response[0] == paper.response[0]  # eps 0: unsteered under any protocol
@@ -185,16 +199,32 @@ def _planted_generations(arms: dict[str, list[int]], grid=(0.01, 0.02, 0.03)) ->
         for i, hit in enumerate(steered):
             for c in grid:
                 for q in range(5):
-                    rows.append({"concept_class": data.CLASSES[i % 5], "concept": f"c{i}", "setting": arm,
-                                 "factor": factor, "level": level or arm, "coefficient": c, "question_id": q,
-                                 "score": int(hit and c == grid[-1]), "reason": "ok" if hit and c == grid[-1]
-                                 else "generic", "coherence": 1.0})
+                    rows.append(
+                        {
+                            "concept_class": data.CLASSES[i % 5],
+                            "concept": f"c{i}",
+                            "setting": arm,
+                            "factor": factor,
+                            "level": level or arm,
+                            "coefficient": c,
+                            "question_id": q,
+                            "score": int(hit and c == grid[-1]),
+                            "reason": "ok" if hit and c == grid[-1] else "generic",
+                            "coherence": 1.0,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
 def test_factor_choice_and_combined_arm_on_planted_generations():
-    scored = _planted_generations({"paper": [1, 0, 0, 0, 0, 0], "contrast: 3 concepts": [1, 1, 1, 1, 0, 0],
-                                   "scaling: mean norm": [1, 1, 0, 0, 0, 0], "positions: answer only": [0] * 6})
+    scored = _planted_generations(
+        {
+            "paper": [1, 0, 0, 0, 0, 0],
+            "contrast: 3 concepts": [1, 1, 1, 1, 0, 0],
+            "scaling: mean norm": [1, 1, 0, 0, 0, 0],
+            "positions: answer only": [0] * 6,
+        }
+    )
     factors = study.factor_table(scored)
     held = factors[factors.protocol == "held_out"].set_index("arm")
     assert held.loc["paper", "steerability"] == pytest.approx(1 / 6)
@@ -211,8 +241,9 @@ def test_factor_choice_and_combined_arm_on_planted_generations():
 
 def test_grid_levels_score_subsets_of_the_same_generations():
     scored = _planted_generations({"paper": [1, 1, 0, 0, 0]}, grid=(0.015, 0.025, 0.035))
-    table = study.grid_table(scored, ["paper"], levels={"two": (0.015, 0.025), "all": (0.015, 0.025, 0.035),
-                                                        "outside": (0.015, 0.5)})
+    table = study.grid_table(
+        scored, ["paper"], levels={"two": (0.015, 0.025), "all": (0.015, 0.025, 0.035), "outside": (0.015, 0.5)}
+    )
     best = table[table.protocol == "best_of_grid"].set_index("grid").steerability
     assert best.to_dict() == {"two": 0.0, "all": pytest.approx(0.4)}  # a level outside the run's grid is skipped
 
@@ -230,33 +261,34 @@ def test_diagnosis_on_a_tiny_model(tiny, tmp_cache, monkeypatch):
     model, tokenizer, _ = tiny
     all_statements = data.load_statements()
     sample = pd.DataFrame({"concept_class": ["moods"], "concept": ["Cheerful"]})
-    arms = [study.PAPER_ARM, study.Arm("contrast", "1", protocol=Protocol(contrast=1)),
-            study.Arm("scaling", "mean norm", protocol=Protocol(scaling="mean_norm"))]
-    separation, logprobs = study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[-4:],
-                                          {"moods": ["How do you feel?", "What is your day like?"]}, arms, [0.5, 5.0],
-                                          logprob_arms=[a.name for a in arms])
+    arms = [
+        study.PAPER_ARM,
+        study.Arm("contrast", "1", protocol=Protocol(contrast=1)),
+        study.Arm("scaling", "mean norm", protocol=Protocol(scaling="mean_norm")),
+    ]
+    questions = {"moods": ["How do you feel?", "What is your day like?"]}
+    context = pipeline.RunContext(model, tokenizer, "tiny", all_statements[:6], questions)
+    diagnosis = (context, sample, all_statements[-4:], arms, [0.5, 5.0])
+    separation, logprobs = study.diagnose(*diagnosis, logprob_arms=[a.name for a in arms])
     assert set(separation.arm) == {"paper", "contrast: 1"}  # the scaling arm shares the paper's vector
     assert separation[["auc_unprefixed", "auc_class"]].stack().between(0, 1).all()
     assert len(logprobs) == 3 * 3 * 2 and (logprobs.logprob <= 0).all()
     unsteered = logprobs[logprobs.coefficient == 0].groupby("question_id").logprob.nunique()
     assert (unsteered == 1).all()  # eps 0: every arm sees the same unsteered model
     monkeypatch.setattr(study, "_diagnose_concept", lambda *a, **k: pytest.fail("recomputed a cached concept"))
-    again = study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[-4:],
-                           {"moods": ["How do you feel?", "What is your day like?"]}, arms, [0.5, 5.0],
-                           logprob_arms=[a.name for a in arms])
+    again = study.diagnose(*diagnosis, logprob_arms=[a.name for a in arms])
     pd.testing.assert_frame_equal(again[1], logprobs)
     with pytest.raises(ValueError, match="held-out statements are also training statements"):
-        study.diagnose(model, tokenizer, "tiny", sample, all_statements[:6], all_statements[4:8],
-                       {"moods": ["How?"]}, arms, [0.5])
+        study.diagnose(context, sample, all_statements[4:8], arms, [0.5])
 
 
 def test_steering_strip_orders_coefficients_and_names_missing_concepts(tmp_path):
     scored = _planted_generations({"paper": [1, 0, 0]}).assign(response=lambda t: "text " + t.coefficient.astype(str))
-    strip = pipeline.steering_strip(scored, "paper", ["c1", "c0"])
+    strip = evaluation.steering_strip(scored, "paper", ["c1", "c0"])
     assert list(strip.concept) == ["c1"] * 3 + ["c0"] * 3 and list(strip.coefficient[:3]) == [0.01, 0.02, 0.03]
     assert list(strip.score) == [0, 0, 0, 0, 0, 1]
     with pytest.raises(ValueError, match=r"concept\(s\) \['c9'\]"):
-        pipeline.steering_strip(scored, "paper", ["c0", "c9"])
+        evaluation.steering_strip(scored, "paper", ["c0", "c9"])
     from steer_utils import plots
 
     paths = plots.save_figure(plots.plot_steering_strip(strip, "strip"), tmp_path, "strip")
@@ -278,14 +310,12 @@ def test_resolve_protocol_defaults_to_the_adopted_one_and_rejects_non_strings():
 
 def test_layer_selection_runs_under_a_protocol_and_rejects_one_that_picks_blocks(tiny, tmp_cache):
     model, tokenizer, _ = tiny
-    run = dict(fractions=(0.5,), n_random=1, coefficients=(0.05,), max_new_tokens=3, n_draws=20)
+    context = pipeline.RunContext(model, tokenizer, "tiny", STATEMENTS, {"moods": ["Hi?"]}, max_new_tokens=3)
+    run = dict(fractions=(0.5,), n_random=1, coefficients=(0.05,), n_draws=20)
     with pytest.raises(ValueError, match="chooses its own blocks"):
-        pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
-                                     protocol=Protocol(blocks="middle"), **run)
-    paper, _ = pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
-                                            protocol=PAPER, **run)
-    contrast, _ = pipeline.run_layer_selection(model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, ["Hi?"],
-                                               protocol=Protocol(contrast=2), **run)
+        layers.run_concept(context, "moods", "Cheerful", protocol=Protocol(blocks="middle"), **run)
+    paper, _ = layers.run_concept(context, "moods", "Cheerful", protocol=PAPER, **run)
+    contrast, _ = layers.run_concept(context, "moods", "Cheerful", protocol=Protocol(contrast=2), **run)
     assert len(list((tmp_cache / "layers" / "tiny").glob("*.enrichment.csv"))) == 2  # one cache entry each
     assert list(paper.setting) == list(contrast.setting)
 
@@ -294,5 +324,7 @@ def test_a_run_off_the_adopted_protocol_writes_to_its_own_subfolder(tmp_path, mo
     assert output_variant(ADOPTED) == "" and output_variant(PAPER) == "protocol-paper"
     monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
     assert paths.results_dir("smollm2-135m") == tmp_path / "smollm2-135m"
-    assert paths.results_dir("smollm2-135m", variant=output_variant(PAPER)) == tmp_path / "smollm2-135m" / "protocol-paper"
+    assert (
+        paths.results_dir("smollm2-135m", variant=output_variant(PAPER)) == tmp_path / "smollm2-135m" / "protocol-paper"
+    )
     assert paths.results_dir("m", 1, 2, "protocol-paper") == tmp_path / "m" / "protocol-paper" / "shards" / "1-of-2"

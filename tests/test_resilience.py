@@ -12,6 +12,7 @@ The notebook runs with a stand-in judge (a hash of concept and response; the rea
 which the default test run does not), installed by an IPython startup file of the test's own IPYTHONDIR;
 STEER_TEST_REAL_JUDGE=1 keeps the real judge.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,14 +29,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from steer_utils import cache, data, extraction, models, pipeline
+from steer_utils import cache, data, extraction, models, paths, pipeline
 from steer_utils.paths import NOTEBOOKS_DIR, ROOT
 from steer_utils.protocol import PAPER
 
 NOTEBOOK = NOTEBOOKS_DIR / "01_token_selection.ipynb"
 PARAMETERS = ["-p", "profile", "smoke", "-p", "n_concepts_per_class", "2"]  # 10 concepts x 3 settings
 N_CONCEPTS, N_SETTINGS, N_QUESTIONS = 10, 3, 5
-STAND_IN_JUDGE = '''
+STAND_IN_JUDGE = """
 import hashlib, os
 from pathlib import Path
 
@@ -64,7 +65,7 @@ if os.environ.get("STEER_TEST_SLOW_CONCEPTS"):  # a pause after each concept, so
         return out
 
     pipeline.run_concept = slow_run_concept
-'''
+"""
 
 
 # --- Cache keys and an in-process rerun -------------------------------------------------------------------------
@@ -75,45 +76,94 @@ def tiny(tiny_model_dir):
 
 def _entries(folder: Path) -> dict[str, tuple[int, int]]:
     """Finished cache entries: relative path -> (inode, mtime) (a rewritten file changes both)."""
-    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
 
 
 def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monkeypatch):
     model, _, _ = tiny
     settings = [pipeline.Setting.parse("attention-soft-rfm")]
-    base = dict(model=model, model_name="tiny", concept_class="moods", concept="Cheerful", statements=["a.", "b."],
-                questions=["Why?"], settings=settings, coefficients=(0.02,), blocks=[1], max_new_tokens=5, seed=0,
-                protocol=PAPER)
-    key = pipeline.generation_keys(**base)["attention-soft-rfm"]
+    base = dict(
+        model=model,
+        model_name="tiny",
+        concept_class="moods",
+        concept="Cheerful",
+        statements=["a.", "b."],
+        questions=["Why?"],
+        settings=settings,
+        coefficients=(0.02,),
+        blocks=[1],
+        max_new_tokens=5,
+        seed=0,
+        protocol=PAPER,
+    )
+
+    def generation_keys(
+        model,
+        model_name,
+        concept_class,
+        concept,
+        statements,
+        questions,
+        settings,
+        coefficients,
+        blocks,
+        max_new_tokens,
+        seed,
+        protocol,
+    ):
+        context = pipeline.RunContext(
+            model, None, model_name, statements, {concept_class: questions}, max_new_tokens, seed
+        )
+        return pipeline.generation_keys(context, concept_class, concept, settings, coefficients, blocks, protocol)
+
+    key = generation_keys(**base)["attention-soft-rfm"]
     # The key is the one the existing cache was written with (adding the upstream versions invalidated nothing).
-    old_inputs = dict(model="tiny", dtype="torch.float32", concept=["moods", "Cheerful"],
-                      statements=hashlib.sha256(b"a.\nb.").hexdigest(), questions=["Why?"], coefficients=[0.02],
-                      max_new_tokens=5, seed=0, blocks=[1])
+    old_inputs = dict(
+        model="tiny",
+        dtype="torch.float32",
+        concept=["moods", "Cheerful"],
+        statements=hashlib.sha256(b"a.\nb.").hexdigest(),
+        questions=["Why?"],
+        coefficients=[0.02],
+        max_new_tokens=5,
+        seed=0,
+        blocks=[1],
+    )
     assert key == cache.cache_key("generations", 2, setting="attention-soft-rfm", **old_inputs)
-    changes = dict(model_name="other", concept_class="fears", concept="Heights", statements=["a."],
-                   questions=["Why not?"], settings=[pipeline.Setting.parse("fixed-soft-rfm")], coefficients=(0.03,),
-                   blocks=[0, 1], max_new_tokens=6, seed=1, model=torch.nn.Linear(2, 2).to(torch.bfloat16))
-    keys = {name: next(iter(pipeline.generation_keys(**(base | {name: value})).values()))
-            for name, value in changes.items()}
+    changes = dict(
+        model_name="other",
+        concept_class="fears",
+        concept="Heights",
+        statements=["a."],
+        questions=["Why not?"],
+        settings=[pipeline.Setting.parse("fixed-soft-rfm")],
+        coefficients=(0.03,),
+        blocks=[0, 1],
+        max_new_tokens=6,
+        seed=1,
+        model=torch.nn.Linear(2, 2).to(torch.bfloat16),
+    )
+    keys = {name: next(iter(generation_keys(**(base | {name: value})).values())) for name, value in changes.items()}
     for name, version in (("EXTRACTION_VERSION", extraction), ("PIPELINE_VERSION", pipeline)):
         with monkeypatch.context() as patch:
             patch.setattr(version, name, getattr(version, name) + 1)
-            keys[name] = pipeline.generation_keys(**base)["attention-soft-rfm"]
+            keys[name] = generation_keys(**base)["attention-soft-rfm"]
     assert len(set(keys.values()) | {key}) == len(keys) + 1, keys  # every change: a key of its own
 
 
 def test_unchanged_rerun_computes_nothing_and_changed_inputs_get_new_entries(tiny, tmp_path, monkeypatch):
     model, tokenizer, _ = tiny
-    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(pipeline, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     settings = [pipeline.Setting.parse(s) for s in ("fixed-hard-rfm", "attention-soft-rfm")]
     statements = data.load_statements(n=6)
-    kwargs = dict(coefficients=(0.0, 0.02), max_new_tokens=4, protocol=PAPER)
 
     def run(n: int):
-        return pipeline.run_concept(model, tokenizer, "tiny", "moods", "Cheerful", statements[:n], ["Why?", "Hi."],
-                                    settings, **kwargs)
+        context = pipeline.RunContext(model, tokenizer, "tiny", statements[:n], {"moods": ["Why?", "Hi."]}, 4)
+        return pipeline.run_concept(context, "moods", "Cheerful", settings, (0.0, 0.02), protocol=PAPER)
 
     first = run(6)
     before = _entries(tmp_path)
@@ -157,13 +207,34 @@ def _start(folder: Path, model_dir: Path, ipython_dir: Path, pause: float = 0.0)
     """Notebook 01 under papermill in its own process group, with cache, results and figures under `folder`
     (`pause` seconds after each concept: results are unchanged, but a kill cannot come too late on a busy machine)."""
     folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               STEER_TEST_SLOW_CONCEPTS=str(pause) if pause else "",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", IPYTHONDIR=str(ipython_dir),
-               STEER_TEST_IMPORTED=str(folder / "imported.txt"), STEER_CACHE_DIR=str(folder / "cache"),
-               STEER_RESULTS_DIR=str(folder / "results"), STEER_FIGURES_DIR=str(folder / "figures"))
-    command = [sys.executable, "-m", "papermill", "--kernel", "steer-utils", "--cwd", str(NOTEBOOKS_DIR),
-               "--no-progress-bar", str(NOTEBOOK), str(folder / "01.ipynb"), "-p", "model", str(model_dir), *PARAMETERS]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        STEER_TEST_SLOW_CONCEPTS=str(pause) if pause else "",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        IPYTHONDIR=str(ipython_dir),
+        STEER_TEST_IMPORTED=str(folder / "imported.txt"),
+        STEER_CACHE_DIR=str(folder / "cache"),
+        STEER_RESULTS_DIR=str(folder / "results"),
+        STEER_FIGURES_DIR=str(folder / "figures"),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--kernel",
+        "steer-utils",
+        "--cwd",
+        str(NOTEBOOKS_DIR),
+        "--no-progress-bar",
+        str(NOTEBOOK),
+        str(folder / "01.ipynb"),
+        "-p",
+        "model",
+        str(model_dir),
+        *PARAMETERS,
+    ]
     log = open(folder / "papermill.log", "a")
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -239,9 +310,17 @@ def uninterrupted(tiny_model_dir, ipython_dir, tmp_path_factory) -> Path:
     _finish(_start(folder, tiny_model_dir, ipython_dir), folder)
     assert len(_generations(folder)) == N_CONCEPTS * N_SETTINGS
     written = {p.name for p in (folder / "results").rglob("*")} | {p.name for p in (folder / "figures").rglob("*")}
-    assert {"01_generations.csv", "01_fits.csv", "01_steerability.csv", "01_steerability_per_question.csv",
-            "01_paired_tests.csv", "01_examples.csv", "versions.csv", "fig01_steerability_by_token.png",
-            "fig01_selected_tokens.pdf"} <= written
+    assert {
+        "01_generations.csv",
+        "01_fits.csv",
+        "01_steerability.csv",
+        "01_steerability_per_question.csv",
+        "01_paired_tests.csv",
+        "01_examples.csv",
+        "versions.csv",
+        "fig01_steerability_by_token.png",
+        "fig01_selected_tokens.pdf",
+    } <= written
     return folder
 
 

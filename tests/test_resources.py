@@ -1,4 +1,5 @@
 """Resource guards: batches halve on out-of-memory errors (same outputs, one warning), and the cache's disk use."""
+
 from __future__ import annotations
 
 import functools
@@ -15,9 +16,14 @@ import torch
 from steer_utils import cache, data, extraction, models, paths, resources, sadi, steering, vectors
 from steer_utils.paths import ROOT
 
-STATEMENTS = ["Patience usually beats raw talent over a long career.", "Small towns remember everything.",
-              "Most habits are easier to start than to break.", "A good teacher changes more lives than a good law.",
-              "Cities feel smaller once you know a baker.", "Old maps are wrong in interesting ways."]
+STATEMENTS = [
+    "Patience usually beats raw talent over a long career.",
+    "Small towns remember everything.",
+    "Most habits are easier to start than to break.",
+    "A good teacher changes more lives than a good law.",
+    "Cities feel smaller once you know a baker.",
+    "Old maps are wrong in interesting ways.",
+]
 CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
 
 
@@ -34,8 +40,9 @@ def tiny(tiny_model_dir):
 
 
 @contextmanager
-def out_of_memory_above(module: torch.nn.Module, limit: int,
-                        error=lambda: torch.OutOfMemoryError("CUDA out of memory.")):
+def out_of_memory_above(
+    module: torch.nn.Module, limit: int, error=lambda: torch.OutOfMemoryError("CUDA out of memory.")
+):
     """While active, `module`'s forward raises `error()` for inputs of more than `limit` rows; yields the failures."""
     original = module.forward
     failures = []
@@ -99,8 +106,10 @@ def test_halving_batches_raises_at_batch_size_one_and_passes_other_errors_throug
     def always(batch):
         raise torch.OutOfMemoryError("CUDA out of memory.")
 
-    with pytest.warns(resources.OutOfMemoryWarning), \
-            pytest.raises(resources.OutOfMemory, match="Out of memory in toy even at batch size 1") as info:
+    with (
+        pytest.warns(resources.OutOfMemoryWarning),
+        pytest.raises(resources.OutOfMemory, match="Out of memory in toy even at batch size 1") as info,
+    ):
         resources.halving_batches(always, [1, 2, 3], 4, "toy")
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     calls = []
@@ -117,8 +126,9 @@ def test_halving_batches_raises_at_batch_size_one_and_passes_other_errors_throug
 
 
 # --- On the tiny model --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("error", [lambda: torch.OutOfMemoryError("CUDA out of memory."),
-                                   lambda: RuntimeError(CPU_OOM)], ids=["cuda", "cpu"])
+@pytest.mark.parametrize(
+    "error", [lambda: torch.OutOfMemoryError("CUDA out of memory."), lambda: RuntimeError(CPU_OOM)], ids=["cuda", "cpu"]
+)
 def test_extraction_halves_its_batches_on_out_of_memory(tiny, error):
     model, tokenizer, _ = tiny
     prefixed, plain = data.paired_prompts(tokenizer, "moods", "Cheerful", STATEMENTS)
@@ -127,8 +137,9 @@ def test_extraction_halves_its_batches_on_out_of_memory(tiny, error):
     whole = extraction.extract(model, prefixed, n_tail, tokenizer.pad_token_id, 8, keep_user_attention=True)
     with out_of_memory_above(model.model, 3, error) as failures, warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        split = extraction.extract(model, prefixed, n_tail, tokenizer.pad_token_id, batch_size=8,
-                                   keep_user_attention=True)
+        split = extraction.extract(
+            model, prefixed, n_tail, tokenizer.pad_token_id, batch_size=8, keep_user_attention=True
+        )
         again = extraction.extract(model, plain, n_tail, tokenizer.pad_token_id, batch_size=8)
     assert failures == [6]  # all six prompts fail, then batches of 3 run, and so does the next call
     assert oom_warnings(record) == ["out of memory at batch size 6 in extraction; retrying with 3"]
@@ -141,8 +152,10 @@ def test_extraction_halves_its_batches_on_out_of_memory(tiny, error):
 def test_generation_splits_rows_on_out_of_memory_with_identical_responses(tiny):
     model, tokenizer, info = tiny
     torch.manual_seed(1)
-    vec = vectors.ConceptVector({b: torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0)
-                                 for b in range(info.n_blocks)}, {b: 5.0 for b in range(info.n_blocks)})
+    vec = vectors.ConceptVector(
+        {b: torch.nn.functional.normalize(torch.randn(info.hidden_size), dim=0) for b in range(info.n_blocks)},
+        {b: 5.0 for b in range(info.n_blocks)},
+    )
     questions = ["Hi there.", "Tell me more about your favourite place.", "Why?"]
     args = (model, tokenizer, {"a": vec, "b": vec}, questions, [0.0, 2.0], {"a": [0, 1], "b": [1]})
     expected = steering.generate_grid(*args, max_new_tokens=6)
@@ -175,13 +188,20 @@ def test_sadi_generation_splits_rows_with_their_own_scales(tiny):
 # --- Disk use of the cache ----------------------------------------------------------------------------------------
 def _populate(root: Path) -> None:
     files = {
-        "models/smollm2-135m-abc/model.safetensors": 1000, "models/smollm2-135m-abc/config.json": 24,
+        "models/smollm2-135m-abc/model.safetensors": 1000,
+        "models/smollm2-135m-abc/config.json": 24,
         "models/.gemma3-270m-def-x1/model.safetensors": 500,  # a conversion that was killed
-        "activations/k1.safetensors": 300, "activations/.k2.safetensors.tmpab": 7,
-        "generations/smollm2-135m/g1.csv": 10, "generations/smollm2-135m/g1.fits.csv": 5,
-        "generations/smollm2-135m/g1.vector.safetensors": 40, "generations/gemma3-270m/g2.csv": 11,
-        "layers/smollm2-135m/l1.csv": 3, "sadi/smollm2-135m/s1.safetensors": 2, "baselines/smollm2-135m/b1.csv": 4,
-        "test-outputs/results/smollm2-135m/01_fits.csv": 6, "stray.txt": 1,
+        "activations/k1.safetensors": 300,
+        "activations/.k2.safetensors.tmpab": 7,
+        "generations/smollm2-135m/g1.csv": 10,
+        "generations/smollm2-135m/g1.fits.csv": 5,
+        "generations/smollm2-135m/g1.vector.safetensors": 40,
+        "generations/gemma3-270m/g2.csv": 11,
+        "layers/smollm2-135m/l1.csv": 3,
+        "sadi/smollm2-135m/s1.safetensors": 2,
+        "baselines/smollm2-135m/b1.csv": 4,
+        "test-outputs/results/smollm2-135m/01_fits.csv": 6,
+        "stray.txt": 1,
     }
     for name, size in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -193,15 +213,22 @@ def test_cache_info_lists_stages_models_and_leftovers(tmp_path, capsys):
     assert cache.cache_info(root) == [] and "No cache at" in cache.format_info([], root)
     _populate(root)
     rows = {r["stage"]: (r["files"], r["bytes"], r["temporary"]) for r in cache.cache_info(root)}
-    assert rows == {"(top level)": (1, 1, 0), "activations": (1, 300, 1), "baselines/smollm2-135m": (1, 4, 0),
-                    "generations/gemma3-270m": (1, 11, 0), "generations/smollm2-135m": (3, 55, 0),
-                    "layers/smollm2-135m": (1, 3, 0), "models": (2, 1024, 1), "sadi/smollm2-135m": (1, 2, 0),
-                    "test-outputs": (1, 6, 0)}
+    assert rows == {
+        "(top level)": (1, 1, 0),
+        "activations": (1, 300, 1),
+        "baselines/smollm2-135m": (1, 4, 0),
+        "generations/gemma3-270m": (1, 11, 0),
+        "generations/smollm2-135m": (3, 55, 0),
+        "layers/smollm2-135m": (1, 3, 0),
+        "models": (2, 1024, 1),
+        "sadi/smollm2-135m": (1, 2, 0),
+        "test-outputs": (1, 6, 0),
+    }
     assert cache.main(["info", "--cache-dir", str(root)]) == 0
     out = capsys.readouterr().out
     assert "generations/smollm2-135m" in out and "1.4 KiB" in out and "clean-tmp" in out
     assert out.splitlines()[-2].split()[:2] == ["total", "12"]
-    assert cache.human_size(512) == "512 B" and cache.human_size(3 * 2 ** 30) == "3.0 GiB"
+    assert cache.human_size(512) == "512 B" and cache.human_size(3 * 2**30) == "3.0 GiB"
 
 
 def test_clean_removes_the_cache_or_its_leftovers_never_results(tmp_path, monkeypatch):
@@ -225,15 +252,25 @@ def test_make_cache_info_and_clean_cache(tmp_path):
     _populate(root)
     results.mkdir()
     (results / "keep.csv").write_text("a\n1\n")
-    env = dict(os.environ, STEER_CACHE_DIR=str(root), STEER_RESULTS_DIR=str(results), STEER_FIGURES_DIR=str(figures),
-               PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        STEER_CACHE_DIR=str(root),
+        STEER_RESULTS_DIR=str(results),
+        STEER_FIGURES_DIR=str(figures),
+        PYTHONPATH=str(ROOT),
+    )
     info = subprocess.run(["make", "-s", "cache-info"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert "generations/gemma3-270m" in info.stdout and "total" in info.stdout
     done = subprocess.run(["make", "-s", "clean-cache"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert "results/ and figures/ are untouched" in done.stdout
     assert not root.exists() and (results / "keep.csv").read_text() == "a\n1\n"
-    refused = subprocess.run(["make", "-s", "clean-cache"], cwd=ROOT, env=dict(env, STEER_CACHE_DIR=str(tmp_path)),
-                             capture_output=True, text=True)
+    refused = subprocess.run(
+        ["make", "-s", "clean-cache"],
+        cwd=ROOT,
+        env=dict(env, STEER_CACHE_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode != 0 and "Refusing" in refused.stderr and (results / "keep.csv").exists()
 
 

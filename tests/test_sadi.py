@@ -1,4 +1,5 @@
 """SADI: mask selection, per-row scales, exact hook identities, recording and batched generation on tiny models."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,10 +19,18 @@ def llama(tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                         bos_token_id=tiny_tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -31,11 +40,20 @@ def gemma(tiny_tokenizer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              max_position_embeddings=256, sliding_window=16,
-                              pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                              bos_token_id=tiny_tokenizer.bos_token_id)
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=16,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+    )
     return Gemma3ForCausalLM(config).eval()
 
 
@@ -59,16 +77,20 @@ def capture(model, input_ids, site, scales=None, positions="all"):
     def pre(i):
         def hook(module, args):
             seen[i] = args[0].clone()
+
         return hook
 
     def post(i):
         def hook(module, args, output):
             seen[i] = output.clone()
+
         return hook
 
     with sadi.intervene(model, scales or {}, site, positions):  # capture hooks registered after SADI's
-        handles = [m.register_forward_pre_hook(pre(i)) if site == "head" else m.register_forward_hook(post(i))
-                   for i, m in enumerate(modules)]
+        handles = [
+            m.register_forward_pre_hook(pre(i)) if site == "head" else m.register_forward_hook(post(i))
+            for i, m in enumerate(modules)
+        ]
         try:
             logits = model(input_ids, use_cache=False).logits
         finally:
@@ -89,12 +111,20 @@ def no_hooks(model):
 
 # --- mask and scales -------------------------------------------------------------------------------------------
 
+
 def test_mask_picks_top_k_by_signed_mean_difference_across_blocks():
     plain = torch.zeros(2, 2, 3)
-    prefixed = torch.tensor([[[1.0, 4.0, 4.0], [2.0, -9.0, 0.0]],
-                             [[1.0, 2.0, 2.0], [4.0, -9.0, 6.0]]])  # mean diff [[1, 3, 3], [3, -9, 3]]
-    expected = {1: [[0, 1, 0], [0, 0, 0]], 2: [[0, 1, 1], [0, 0, 0]], 3: [[0, 1, 1], [1, 0, 0]],
-                4: [[0, 1, 1], [1, 0, 1]], 5: [[1, 1, 1], [1, 0, 1]], 6: [[1, 1, 1], [1, 1, 1]]}
+    prefixed = torch.tensor(
+        [[[1.0, 4.0, 4.0], [2.0, -9.0, 0.0]], [[1.0, 2.0, 2.0], [4.0, -9.0, 6.0]]]
+    )  # mean diff [[1, 3, 3], [3, -9, 3]]
+    expected = {
+        1: [[0, 1, 0], [0, 0, 0]],
+        2: [[0, 1, 1], [0, 0, 0]],
+        3: [[0, 1, 1], [1, 0, 0]],
+        4: [[0, 1, 1], [1, 0, 1]],
+        5: [[1, 1, 1], [1, 0, 1]],
+        6: [[1, 1, 1], [1, 1, 1]],
+    }
     for k, want in expected.items():  # ties at 3 go to the lower flat index; the large negative comes last
         mask = sadi.sadi_mask(prefixed, plain, k)
         assert mask.dtype == torch.bool and mask.shape == (2, 3)
@@ -103,13 +133,13 @@ def test_mask_picks_top_k_by_signed_mean_difference_across_blocks():
     assert torch.equal(sadi.sadi_mask(plain, prefixed, 1), torch.tensor([[0, 0, 0], [0, 1, 0]], dtype=torch.bool))
 
 
-
 def test_mask_ties_are_deterministic_at_scale():
     prefixed = torch.zeros(1, 4, 1000)
     prefixed.view(-1)[::7] = 1.0  # 572 tied maxima, then 3428 tied zeros
     mask = sadi.sadi_mask(prefixed, torch.zeros_like(prefixed), 600).flatten()
-    ties = (torch.arange(4000) % 7 != 0).nonzero().flatten()[:600 - 572]  # lowest-index zeros fill the rest
+    ties = (torch.arange(4000) % 7 != 0).nonzero().flatten()[: 600 - 572]  # lowest-index zeros fill the rest
     assert torch.equal(mask.nonzero().flatten(), torch.cat([torch.arange(0, 4000, 7), ties]).sort().values)
+
 
 def test_mask_errors():
     a = torch.zeros(2, 2, 3)
@@ -139,6 +169,7 @@ def test_scales_per_row_and_only_masked_blocks():
 
 
 # --- modules ---------------------------------------------------------------------------------------------------
+
 
 def test_site_modules_and_widths(llama, gemma):
     assert all(m is b.self_attn.o_proj for m, b in zip(sadi.site_modules(llama, "head"), llama.model.layers))
@@ -176,6 +207,7 @@ def test_site_modules_missing_projection_or_mlp():
 
 # --- exact hook identities -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("positions", sadi.POSITIONS)
 def test_head_scales_exactly_the_masked_head_slice(model, positions):
     x = ids(model)
@@ -191,8 +223,9 @@ def test_head_scales_exactly_the_masked_head_slice(model, positions):
     expected = base[block].clone()
     expected[:, rows, cols] = base[block][:, rows, cols] * torch.tensor(1 + delta)
     assert torch.equal(steered[block], expected)  # masked slice scaled, everything else identical
-    assert (steered[block][:, :, cols] != base[block][:, :, cols]).any(-1).sum() == (x.numel() if positions == "all"
-                                                                                       else x.shape[0])
+    assert (steered[block][:, :, cols] != base[block][:, :, cols]).any(-1).sum() == (
+        x.numel() if positions == "all" else x.shape[0]
+    )
 
 
 @pytest.mark.parametrize("positions", sadi.POSITIONS)
@@ -281,6 +314,7 @@ def test_eager_and_sdpa_agree(model):
 
 # --- recording and generation ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("site", sadi.SITES)
 def test_record_last_token_matches_single_prompt_forward(model, tiny_tokenizer, site):
     recorded = sadi.record_last_token(model, tiny_tokenizer, MESSAGES, (site,), batch_size=2)[site]
@@ -288,8 +322,9 @@ def test_record_last_token_matches_single_prompt_forward(model, tiny_tokenizer, 
     assert recorded.shape == (len(MESSAGES), 3, width) and recorded.dtype == torch.float32
     assert tiny_tokenizer.padding_side == "left"
     for i, message in enumerate(MESSAGES):
-        x = tiny_tokenizer(render_prompt(tiny_tokenizer, message), return_tensors="pt",
-                           add_special_tokens=False)["input_ids"]
+        x = tiny_tokenizer(render_prompt(tiny_tokenizer, message), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ]
         seen, _ = capture(model, x, site)
         manual = torch.stack([s[0, -1] for s in seen])  # (n_blocks, w)
         if site == "head":
@@ -301,22 +336,28 @@ def test_record_last_token_records_both_sites_in_one_pass(llama, tiny_tokenizer)
     both = sadi.record_last_token(llama, tiny_tokenizer, MESSAGES, sadi.SITES, batch_size=2)
     assert set(both) == set(sadi.SITES)
     for site in sadi.SITES:
-        assert torch.equal(both[site], sadi.record_last_token(llama, tiny_tokenizer, MESSAGES, (site,), batch_size=2)[site])
+        assert torch.equal(
+            both[site], sadi.record_last_token(llama, tiny_tokenizer, MESSAGES, (site,), batch_size=2)[site]
+        )
 
 
 def test_generate_sadi(llama, tiny_tokenizer):
     messages = MESSAGES[:2]
     masks = [one_mask(llama, "head", 1, [0, 3]), one_mask(llama, "head", 2, [1])]
     for positions in sadi.POSITIONS:
-        out = sadi.generate_sadi(llama, tiny_tokenizer, messages, masks, [2.0, -1.0], "head", positions,
-                                 max_new_tokens=4)
+        out = sadi.generate_sadi(
+            llama, tiny_tokenizer, messages, masks, [2.0, -1.0], "head", positions, max_new_tokens=4
+        )
         assert len(out) == len(messages) and all(isinstance(t, str) for t in out)
     plain = steering.generate(llama, tiny_tokenizer, messages, None, max_new_tokens=4)
-    assert sadi.generate_sadi(llama, tiny_tokenizer, messages, masks, [0.0, 0.0], "head", "all",
-                              max_new_tokens=4) == plain
+    assert (
+        sadi.generate_sadi(llama, tiny_tokenizer, messages, masks, [0.0, 0.0], "head", "all", max_new_tokens=4) == plain
+    )
     hidden = [one_mask(llama, "hidden", 0, [5]), one_mask(llama, "hidden", 2, [9])]
-    assert sadi.generate_sadi(llama, tiny_tokenizer, messages, hidden, [0.0, 0.0], "hidden", "last",
-                              max_new_tokens=4) == plain
+    assert (
+        sadi.generate_sadi(llama, tiny_tokenizer, messages, hidden, [0.0, 0.0], "hidden", "last", max_new_tokens=4)
+        == plain
+    )
     assert no_hooks(llama)
     with pytest.raises(ValueError, match="one mask and one delta per message"):
         sadi.generate_sadi(llama, tiny_tokenizer, messages, masks[:1], [0.0], "head", "all")

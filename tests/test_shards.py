@@ -1,4 +1,5 @@
 """Sharding the concept sample, the shard manifests, and the merge checks (no models)."""
+
 from __future__ import annotations
 
 import json
@@ -38,11 +39,18 @@ def test_sharding_is_deterministic_and_mixes_classes():
     assert whole.equals(sample) and whole is not sample
 
 
-@pytest.mark.parametrize("index, num, match", [
-    (True, 2, "shard_index must be an integer"), (0, 2.0, "num_shards must be an integer"),
-    ("1", 2, "-p shard_index"), (-1, 2, r"in 0\.\.1"), (2, 2, r"in 0\.\.1"), (0, 0, "at least 1"),
-    (0, 11, "use at most 10 shards"),
-])
+@pytest.mark.parametrize(
+    "index, num, match",
+    [
+        (True, 2, "shard_index must be an integer"),
+        (0, 2.0, "num_shards must be an integer"),
+        ("1", 2, "-p shard_index"),
+        (-1, 2, r"in 0\.\.1"),
+        (2, 2, r"in 0\.\.1"),
+        (0, 0, "at least 1"),
+        (0, 11, "use at most 10 shards"),
+    ],
+)
 def test_bad_shard_parameters_are_refused(index, num, match):
     with pytest.raises(ValueError, match=match):
         data.shard_concepts(fake_sample(10), index, num)
@@ -62,9 +70,21 @@ def write_shards(root, num_shards: int = 3, n: int = 10, skip=(), tables: bool =
     sample, merged = fake_sample(n), []
     for i in range(num_shards):
         shard = data.shard_concepts(sample, i, num_shards)
-        gens = pd.DataFrame([{"concept_class": k, "concept": c, "setting": s, "question_id": q,
-                              "relevance": 0.1 * q + len(c) / 7, "score": q % 2}
-                             for k, c in zip(shard.concept_class, shard.concept) for s in ("a", "b") for q in range(2)])
+        gens = pd.DataFrame(
+            [
+                {
+                    "concept_class": k,
+                    "concept": c,
+                    "setting": s,
+                    "question_id": q,
+                    "relevance": 0.1 * q + len(c) / 7,
+                    "score": q % 2,
+                }
+                for k, c in zip(shard.concept_class, shard.concept)
+                for s in ("a", "b")
+                for q in range(2)
+            ]
+        )
         merged.append(gens)
         if i in skip:
             continue
@@ -103,13 +123,16 @@ def test_missing_shards_are_named_with_the_command(tmp_path):
     assert f"make {NB} MODELS=org/tiny-model SHARD_INDEX=3 NUM_SHARDS=4 PROFILE=smoke" in str(err.value)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(concepts=lambda m: m["concepts"] + [[data.CLASSES[0], "c0"]]), r"overlap: 1 concepts.*c0 in shards 0, 1"),
-    (dict(concepts=lambda m: m["concepts"][1:]), r"incomplete: 1 of 10 concepts .*c1\).*shard 1\. Rerun make"),
-    (dict(profile="full"), r"different parameters:\n  profile: shard 0 'smoke', shard 1 'full'"),
-    (dict(sample=lambda m: m["sample"][:-1]), "different concept samples"),
-    (dict(shard_index=2), "does not match its folder: shard_index=2"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(concepts=lambda m: m["concepts"] + [[data.CLASSES[0], "c0"]]), r"overlap: 1 concepts.*c0 in shards 0, 1"),
+        (dict(concepts=lambda m: m["concepts"][1:]), r"incomplete: 1 of 10 concepts .*c1\).*shard 1\. Rerun make"),
+        (dict(profile="full"), r"different parameters:\n  profile: shard 0 'smoke', shard 1 'full'"),
+        (dict(sample=lambda m: m["sample"][:-1]), "different concept samples"),
+        (dict(shard_index=2), "does not match its folder: shard_index=2"),
+    ],
+)
 def test_inconsistent_shards_are_refused(tmp_path, change, match):
     write_shards(tmp_path)
     edit_manifest(tmp_path, 1, **change)
@@ -137,7 +160,8 @@ def test_verify_merged(tmp_path):
     for i in range(3):
         shard = merged[merged.concept.isin(data.shard_concepts(fake_sample(10), i, 3).concept)]
         shard.groupby("concept_class").head(1)[examples.columns].to_csv(
-            out / "shards" / f"{i}-of-3" / "01_examples.csv", index=False)
+            out / "shards" / f"{i}-of-3" / "01_examples.csv", index=False
+        )
     merged.sample(frac=1, random_state=0).to_csv(out / "01_generations.csv", index=False)  # row order ignored
     assert shards.verify_merged(MODEL, NB, 3, results_root=tmp_path) == len(merged) + 5
     merged.assign(relevance=merged.relevance * (1 + 1e-9)).to_csv(out / "01_generations.csv", index=False)

@@ -1,0 +1,150 @@
+"""The public API: train a concept vector and steer a model with it in five lines.
+
+    from steer_utils import load_model, train_concept_vector, generate
+    model, tokenizer, _ = load_model("smollm2-135m")
+    vector = train_concept_vector(model, tokenizer, "fears/heights")
+    with vector.apply(model, 0.035):
+        print(generate(model, tokenizer, "What should I do this weekend?"))
+
+A vector trained here is the pipeline's (`pipeline.concept_activations` + `pipeline.fit_setting`) under the adopted
+protocol, restricted to the blocks that protocol steers and scaled as it scales, so `vector.apply(model, c)` adds
+exactly what `pipeline.run_concept` adds at coefficient c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+from . import data, pipeline, steering
+from .models import load_model
+from .profiles import PROFILES
+from .protocol import Protocol, resolve_protocol
+from .vectors import ConceptVector
+
+__all__ = [
+    "load_model",
+    "train_concept_vector",
+    "generate",
+    "parse_concept",
+    "ConceptVector",
+    "DEFAULT_STATEMENTS",
+    "DEFAULT_SETTING",
+]
+
+DEFAULT_STATEMENTS = PROFILES["default"].n_statements  # training statements of a default-profile run (64)
+DEFAULT_SETTING = "attention-soft-rfm"  # the paper's method: attention-selected token, soft labels, RFM
+_CONCEPT_FORM = "write '<class>/<name>', e.g. 'fears/heights' or 'moods/cheerful'"
+
+
+def parse_concept(concept: str) -> tuple[str, str]:
+    """'fears/heights' -> ('fears', 'Heights'): the class and the name (a bundled concept's own spelling)."""
+    if not isinstance(concept, str) or "/" not in concept:
+        raise ValueError(f"Concept {concept!r} needs its class: {_CONCEPT_FORM} (classes: {', '.join(data.CLASSES)}).")
+    concept_class, _, name = concept.partition("/")
+    concept_class, name = concept_class.strip().lower(), name.strip()
+    if concept_class not in data.CLASSES:
+        raise ValueError(
+            f"Unknown concept class {concept_class!r} in {concept!r}; use one of: "
+            f"{', '.join(data.CLASSES)} ({_CONCEPT_FORM})."
+        )
+    if not name:
+        raise ValueError(f"Concept {concept!r} has no name after the '/'; {_CONCEPT_FORM}.")
+    bundled = {c.casefold(): c for c in data.load_concepts(concept_class)}
+    return concept_class, bundled.get(name.casefold(), name)
+
+
+def _is_bundled(concept_class: str, name: str) -> bool:
+    return name.casefold() in {c.casefold() for c in data.load_concepts(concept_class)}
+
+
+def resolve_statements(statements: int | Sequence[str] | None) -> list[str]:
+    """The training statements: given, the first n bundled ones (an int), or the first `DEFAULT_STATEMENTS` (None)."""
+    if statements is None or (isinstance(statements, int) and not isinstance(statements, bool)):
+        n = DEFAULT_STATEMENTS if statements is None else statements
+        bundled = data.load_statements()
+        if not 1 <= n <= len(bundled):
+            raise ValueError(f"statements={n}: choose 1..{len(bundled)} bundled statements, or pass your own list.")
+        return bundled[:n]
+    if (
+        not isinstance(statements, Sequence)
+        or isinstance(statements, str)
+        or not statements
+        or not all(isinstance(s, str) and s.strip() for s in statements)
+    ):
+        raise ValueError(
+            "statements must be a number of bundled statements (e.g. 32), a non-empty list of non-empty "
+            "strings (your own training statements), or None for the default "
+            f"{DEFAULT_STATEMENTS}."
+        )
+    return list(statements)
+
+
+def train_concept_vector(
+    model,
+    tokenizer,
+    concept: str,
+    *,
+    model_name: str = "model",
+    statements: int | Sequence[str] | None = None,
+    setting: str = DEFAULT_SETTING,
+    protocol: Protocol | str | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    cache: bool = False,
+) -> ConceptVector:
+    """Train the concept vector of `concept` ('class/name') on `model`, ready for `vector.apply(model, coefficient)`.
+
+    statements: your training statements, or how many bundled ones (default `DEFAULT_STATEMENTS`); setting: token
+    selection-labels-method, e.g. 'attention-soft-rfm'; protocol: a `Protocol`, its name ('paper', 'contrast=3')
+    or None for `protocol.ADOPTED`. The concept need not be bundled; a protocol with contrast concepts (ADOPTED's 3
+    neighbours in the class list) needs a bundled one, so an unbundled concept trains without contrast (warning).
+    The vector holds the protocol's steered blocks only (every block but the first for ADOPTED), its norms are what
+    the coefficient multiplies (the block norms, mean_norm's mean, times the protocol's eps multiplier).
+    cache=True reads and writes the activations in the disk cache, keyed by `model_name` (then required).
+    A protocol's positions and system prompt are not stored: pass them to `apply` and `generate` (ADOPTED's are the
+    defaults there).
+    """
+    concept_class, name = parse_concept(concept)
+    parsed = pipeline.Setting.parse(setting)
+    protocol = protocol if isinstance(protocol, Protocol) else resolve_protocol(protocol)
+    statements = resolve_statements(statements)
+    if cache and model_name == "model":
+        raise ValueError(
+            "cache=True keys the cached activations by model_name; pass the model's name, e.g. "
+            "model_name='smollm2-135m' (or leave cache=False)."
+        )
+    bundled = _is_bundled(concept_class, name)
+    if protocol.contrast and not bundled:
+        warnings.warn(
+            f"Concept {concept_class}/{name} is not bundled (data/concepts/{concept_class}.txt), so it has "
+            f"no contrast concepts; training without them (protocol contrast={protocol.contrast} -> 0).",
+            stacklevel=2,
+        )
+        protocol = dataclasses.replace(protocol, contrast=0)
+    acts = pipeline.concept_activations(
+        model, tokenizer, model_name, concept_class, name, statements, batch_size, cached=cache, protocol=protocol
+    )
+    vector, _ = pipeline.fit_setting(acts, parsed, model_name, seed)  # directions (d,) for every block
+    blocks, multiplier = protocol.steered_blocks(len(steering.find_blocks(model)))
+    scaled = protocol.scaled(vector, blocks)  # as pipeline.run_concept steers it
+    metadata = dict(scaled.metadata, protocol=protocol.name, n_statements=str(len(statements)))
+    if multiplier != 1.0:
+        metadata["eps_multiplier"] = str(multiplier)  # folded into the norms
+    return ConceptVector(
+        {b: scaled.directions[b] for b in blocks}, {b: scaled.norms[b] * multiplier for b in blocks}, metadata
+    )
+
+
+def generate(model, tokenizer, question: str, max_new_tokens: int = 50, system: str | None = None) -> str:
+    """The model's greedy answer to one chat-templated question, steered by any active `ConceptVector.apply`.
+
+    system: the system message (None: the chat template's default, as the adopted protocol trains with).
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    # One `model.generate` call over the whole prompt, so an active positions='answer' `apply` steers only the answer.
+    return steering.generate_reference(model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system)[0]
