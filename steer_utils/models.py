@@ -12,7 +12,6 @@ the package version and the transformers version; later loads take about a secon
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import shutil
@@ -25,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .cache import entry_path
+from .cache import cache_key, entry_path
 
 # Nothing is downloaded at run time: every `from_pretrained` below passes local_files_only=True (no process-wide
 # HF_HUB_OFFLINE, so importing this module changes nothing in the user's environment).
@@ -153,6 +152,7 @@ def resolve_device(device: str = "auto") -> str:
 
 # The precisions a run may ask for by name (the `dtype` notebook parameter and the Makefile's DTYPE).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_CONVERSION_VERSION = 1  # bump when `_convert_gguf` writes something different
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
@@ -209,13 +209,20 @@ def _convert_gguf(gguf: Path, key: str) -> Path:
     return target
 
 
-def _gguf_cache_key(name: str, gguf: Path, packages: tuple[str, ...] = ()) -> str:
+def gguf_conversion_key(name: str, gguf: Path, packages: tuple[str, ...] = ()) -> str:
+    """The cache folder name of a GGUF file's dense conversion: `<name>-<cache_key>` of the file's name and size, the
+    versions of the packages that ship it and of transformers (which dequantises it)."""
     import transformers
 
-    versions = [importlib.metadata.version(p) for p in packages]
-    stat = gguf.stat()
-    raw = "|".join([gguf.name, str(stat.st_size), *versions, transformers.__version__])
-    return f"{name}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+    key = cache_key(
+        "models",
+        GGUF_CONVERSION_VERSION,
+        file=gguf.name,
+        size=gguf.stat().st_size,
+        packages={p: importlib.metadata.version(p) for p in packages},
+        transformers=transformers.__version__,
+    )
+    return f"{name}-{key}"
 
 
 def model_source(name: str) -> str:
@@ -223,12 +230,12 @@ def model_source(name: str) -> str:
     if name in BUNDLED:
         bundled = BUNDLED[name]
         gguf = bundled.locate()
-        return str(_convert_gguf(gguf, _gguf_cache_key(name, gguf, bundled.packages)))
+        return str(_convert_gguf(gguf, gguf_conversion_key(name, gguf, bundled.packages)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file '{name}' does not exist; check the path.")
-        return str(_convert_gguf(path.resolve(), _gguf_cache_key(path.stem, path.resolve())))
+        return str(_convert_gguf(path.resolve(), gguf_conversion_key(path.stem, path.resolve())))
     return name
 
 

@@ -78,3 +78,13 @@ def test_importing_the_package_leaves_the_environment_alone():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_gguf_conversion_key_is_a_cache_key_of_the_file_and_versions(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x" * 10)
+    key = models.gguf_conversion_key("m", gguf)
+    assert key.startswith("m-") and key == models.gguf_conversion_key("m", gguf)
+    assert key != models.gguf_conversion_key("m", gguf, ("pytest",))  # the shipping package's version enters it
+    gguf.write_bytes(b"x" * 11)
+    assert key != models.gguf_conversion_key("m", gguf)  # another file
