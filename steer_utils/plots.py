@@ -31,6 +31,15 @@ def save_figure(fig: plt.Figure, folder: Path, name: str) -> list[Path]:
     return paths
 
 
+def _ci_bars(ax: plt.Axes, at, rows, horizontal: bool = False) -> None:
+    """Black CI whiskers [ci_low, ci_high] around each row's steerability, at positions `at` (bars' x, or y)."""
+    error = [rows.steerability - rows.ci_low, rows.ci_high - rows.steerability]
+    points = (rows.steerability, at) if horizontal else (at, rows.steerability)
+    ax.errorbar(
+        *points, **{"xerr" if horizontal else "yerr": error}, fmt="none", ecolor="black", elinewidth=0.8, capsize=2
+    )
+
+
 def plot_data_overview(lengths, sample, statements) -> plt.Figure:
     """Three panels: concepts per class (benchmark vs sample), prefix token lengths, statement lengths."""
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
@@ -67,15 +76,7 @@ def plot_steerability(table, hue_order=None, ax=None, title: str = "") -> plt.Ax
         rows = table[table.setting == setting].set_index("concept_class").loc[classes]
         x = [i - 0.4 + width * (k + 0.5) for i in range(len(classes))]
         ax.bar(x, rows.steerability, width, color=palette[k], label=setting)
-        ax.errorbar(
-            x,
-            rows.steerability,
-            yerr=[rows.steerability - rows.ci_low, rows.ci_high - rows.steerability],
-            fmt="none",
-            ecolor="black",
-            elinewidth=0.8,
-            capsize=2,
-        )
+        _ci_bars(ax, x, rows)
     ax.set_xticks(range(len(classes)), classes)
     ax.set(ylim=(0, 1.05), xlabel="concept class", ylabel="steerability (share of concepts)", title=title)
     ax.legend(fontsize=7, loc="upper left", frameon=True)
@@ -203,15 +204,7 @@ def plot_block_set_steerability(table, order: list[str], title: str = "") -> plt
         "random": sns.color_palette("deep")[7],
     }
     ax.bar(range(len(rows)), rows.steerability, color=[colours[s.split("-")[0]] for s in rows.setting])
-    ax.errorbar(
-        range(len(rows)),
-        rows.steerability,
-        fmt="none",
-        ecolor="black",
-        elinewidth=0.8,
-        capsize=2,
-        yerr=[rows.steerability - rows.ci_low, rows.ci_high - rows.steerability],
-    )
+    _ci_bars(ax, range(len(rows)), rows)
     ax.set_xticks(range(len(rows)), rows.setting, rotation=35, ha="right")
     ax.set(ylim=(0, 1.05), xlabel="steered blocks", ylabel="steerability (share of concepts)", title=title)
     return fig
@@ -341,15 +334,7 @@ def plot_factor(factors, factor: str, model: str) -> plt.Figure:
         part = rows[rows.protocol == protocol].set_index("arm").loc[arms]
         y = [i + (k - 0.5) * height for i in range(len(arms))]
         ax.barh(y, part.steerability, height, color=colour, label=protocol.replace("_", "-"))
-        ax.errorbar(
-            part.steerability,
-            y,
-            xerr=[part.steerability - part.ci_low, part.ci_high - part.steerability],
-            fmt="none",
-            ecolor="black",
-            elinewidth=0.8,
-            capsize=2,
-        )
+        _ci_bars(ax, y, part, horizontal=True)
     ax.set_yticks(range(len(arms)), [a.split(": ", 1)[-1] for a in arms])
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="steerability on the development split", title=f"{model}: {factor}")

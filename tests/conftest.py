@@ -44,25 +44,28 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-def save_tiny_llama(folder, initializer_range: float = 0.02):
-    """Save a 2-block random llama model + tokenizer (no chat template) into `folder`; returns it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer(chat_template=None)
-    config = LlamaConfig(
+def tiny_config_fields(tokenizer) -> dict:
+    """The sizes every tiny random model shares: hidden 32, MLP 64, 4 heads and 2 kv heads, 256 positions."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        initializer_range=initializer_range,
     )
+
+
+def save_tiny_llama(folder, initializer_range: float = 0.02):
+    """Save a 2-block random llama model + tokenizer (no chat template) into `folder`; returns it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer(chat_template=None)
+    config = LlamaConfig(**tiny_config_fields(tokenizer), num_hidden_layers=2, initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

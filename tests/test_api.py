@@ -201,6 +201,11 @@ def test_train_errors(tiny, kwargs, message):
         api.train_concept_vector(model, tokenizer, "moods/cheerful", **{"statements": STATEMENTS, **kwargs})
 
 
+# A well-formed `steer` command line, before the option each error case adds.
+STEER_ARGV = ["steer", "--model", "m", "--concept", "fears/heights", "--question", "q"]
+MISSING_MODEL_ARGV = ["steer", "--model", "/no/such/model", "--concept", "fears/heights", "--question", "q"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -209,51 +214,13 @@ def test_train_errors(tiny, kwargs, message):
         (["steer", "--concept", "fears/heights", "--question", "q"], "required: --model"),
         (["steer", "--model", "m", "--concept", "heights", "--question", "q"], "needs its class"),
         (["steer", "--model", "m", "--concept", "feelings/joy", "--question", "q"], "Unknown concept class"),
-        (["steer", "--model", "m", "--concept", "fears/heights", "--question", " "], "--question: must not be empty"),
-        (
-            ["steer", "--model", "m", "--concept", "fears/heights", "--question", "q", "--coefficients", "inf"],
-            "finite number",
-        ),
-        (
-            ["steer", "--model", "m", "--concept", "fears/heights", "--question", "q", "--statements", "0"],
-            "positive integer",
-        ),
-        (
-            ["steer", "--model", "m", "--concept", "fears/heights", "--question", "q", "--statements", "100000"],
-            "choose 1..",
-        ),
-        (
-            [
-                "steer",
-                "--model",
-                "/no/such/model",
-                "--concept",
-                "fears/heights",
-                "--question",
-                "q",
-                "--setting",
-                "fixed",
-            ],
-            "Bad setting 'fixed'",
-        ),
-        (
-            [
-                "steer",
-                "--model",
-                "/no/such/model",
-                "--concept",
-                "fears/heights",
-                "--question",
-                "q",
-                "--protocol",
-                "fast",
-            ],
-            "Bad protocol 'fast'",
-        ),
-        (
-            ["steer", "--model", "/no/such/model", "--concept", "fears/heights", "--question", "q"],
-            "Model path '/no/such/model' does not exist",
-        ),
+        ([*STEER_ARGV[:-1], " "], "--question: must not be empty"),
+        ([*STEER_ARGV, "--coefficients", "inf"], "finite number"),
+        ([*STEER_ARGV, "--statements", "0"], "positive integer"),
+        ([*STEER_ARGV, "--statements", "100000"], "choose 1.."),
+        ([*MISSING_MODEL_ARGV, "--setting", "fixed"], "Bad setting 'fixed'"),  # checked before the model loads
+        ([*MISSING_MODEL_ARGV, "--protocol", "fast"], "Bad protocol 'fast'"),
+        (MISSING_MODEL_ARGV, "Model path '/no/such/model' does not exist"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys):

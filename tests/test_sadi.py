@@ -10,6 +10,8 @@ from steer_utils import sadi, steering
 from steer_utils.data import render_prompt
 from steer_utils.models import attention_implementation
 
+from .conftest import tiny_config_fields
+
 MESSAGES = ["Tell me about the sea.", "Hi", "What is a statement about cats and dogs?"]
 
 
@@ -19,18 +21,7 @@ def llama(tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-    )
+    config = LlamaConfig(**tiny_config_fields(tiny_tokenizer), num_hidden_layers=3)
     return LlamaForCausalLM(config).eval()
 
 
@@ -40,20 +31,7 @@ def gemma(tiny_tokenizer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        sliding_window=16,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-    )
+    config = Gemma3TextConfig(**tiny_config_fields(tiny_tokenizer), num_hidden_layers=3, head_dim=16, sliding_window=16)
     return Gemma3ForCausalLM(config).eval()
 
 
