@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_STATEMENTS = PROFILES["default"].n_statements  # training statements of a default-profile run (64)
-DEFAULT_SETTING = "attention-soft-rfm"  # the paper's method: attention-selected token, soft labels, RFM
+DEFAULT_SETTING = pipeline.OURS  # the paper's method: attention-selected token, soft labels, RFM
 _CONCEPT_FORM = "write '<class>/<name>', e.g. 'fears/heights' or 'moods/cheerful'"
 
 
@@ -53,10 +53,6 @@ def parse_concept(concept: str) -> tuple[str, str]:
         raise ValueError(f"Concept {concept!r} has no name after the '/'; {_CONCEPT_FORM}.")
     bundled = {c.casefold(): c for c in data.load_concepts(concept_class)}
     return concept_class, bundled.get(name.casefold(), name)
-
-
-def _is_bundled(concept_class: str, name: str) -> bool:
-    return name.casefold() in {c.casefold() for c in data.load_concepts(concept_class)}
 
 
 def resolve_statements(statements: int | Sequence[str] | None) -> list[str]:
@@ -115,7 +111,7 @@ def train_concept_vector(
             "cache=True keys the cached activations by model_name; pass the model's name, e.g. "
             "model_name='smollm2-135m' (or leave cache=False)."
         )
-    bundled = _is_bundled(concept_class, name)
+    bundled = name in data.load_concepts(concept_class)  # parse_concept gave a bundled concept its own spelling
     if protocol.contrast and not bundled:
         warnings.warn(
             f"Concept {concept_class}/{name} is not bundled (data/concepts/{concept_class}.txt), so it has "
