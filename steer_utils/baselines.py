@@ -1,14 +1,15 @@
 """Baselines beside ours on the same concepts, questions, judge and coefficient protocol (notebook 05).
 
-Methods (the `setting` column of the generations):
-- `prompting`: the concept prefix in the user prompt, no steering (an upper bound, one setting);
-- `mean-difference`: CAA-style, mean prefixed minus mean unprefixed hidden state at the last token;
+Methods (the `method` column of the generations; `setting` holds a vector method's `pipeline.Setting`):
+- `prompting`: the concept prefix in the user prompt, no steering (an upper bound, one coefficient);
+- `mean_difference`: CAA-style, mean prefixed minus mean unprefixed hidden state at the last token;
 - `prior`: fixed token + hard labels + RFM (notebook 01's `fixed-hard-rfm`);
 - `ours`: attention-guided token + soft labels + RFM, steered through the block set chosen from notebook 03;
 - `sadi-{head|hidden}-{last|all}`: SADI (`sadi.py`), faithful (last prompt token) and adapted (all positions).
-Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); SADI's grid is its (K, delta) settings
-tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank (1 = best).
-Every (concept, method) is cached like notebook 01's generations.
+Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); a SADI variant's grid is a list of (K, delta)
+points tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank
+(1 = best). Every (concept, method) is cached like notebook 01's generations; a cached grid labels its rows in a
+column named `setting` (ENTRY_LABEL), which the tables rename to `method` or `variant`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from .cache import atomic_write, cache_key, cached_tensors, entry_path
 from .protocol import ADOPTED, Protocol
 
 BASELINES_VERSION = 1
-VECTOR_METHODS = {"mean-difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
+VECTOR_METHODS = {"mean_difference": "fixed-hard-mean_difference", "prior": "fixed-hard-rfm"}
 SADI_VARIANTS = {f"sadi-{site}-{where}": (site, where) for site in sadi.SITES for where in sadi.POSITIONS}
 COMPARED_METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
 OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 that `ours` may use
+ENTRY_LABEL = "setting"  # the label column of cached grids (as `steering.generate_grid` names it)
 
 
 def ours_block_set(
@@ -52,7 +54,7 @@ def ours_block_set(
             f"as one of: {', '.join(candidates)}."
         )
     table = pd.read_csv(path)
-    rows = table[(table.protocol == protocol) & (table.concept_class == "all")].set_index("setting")
+    rows = table[(table.protocol == protocol) & (table.concept_class == "all")].set_index("block_set")
     rows = rows.reindex([c for c in candidates if c in rows.index])
     if rows.empty:
         raise ValueError(f"'{path}' has no rows for block sets {list(candidates)}; rerun notebook 03.")
@@ -81,13 +83,13 @@ def _cached_grid(name: str, key_inputs: dict, generate) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False)
 
 
-def _rows(concept_class: str, concept: str, setting: str, coefficients, questions, responses, **extra) -> pd.DataFrame:
+def _rows(concept_class: str, concept: str, label: str, coefficients, questions, responses, **extra) -> pd.DataFrame:
     rows = [(c, q) for c in coefficients for q in range(len(questions))]
     return pd.DataFrame(
         {
             "concept_class": concept_class,
             "concept": concept,
-            "setting": setting,
+            ENTRY_LABEL: label,
             "coefficient": [c for c, _ in rows],
             "question_id": [q for _, q in rows],
             "question": [questions[q] for _, q in rows],
@@ -145,13 +147,13 @@ def sadi_grid(
     concept: str,
     questions: list[str],
     variant: str,
-    settings: list[tuple[int, float]],
+    grid: list[tuple[int, float]],
     masks: dict[int, torch.Tensor],
     max_new_tokens: int = 50,
 ) -> pd.DataFrame:
-    """One SADI variant's (K, delta) settings × questions for one concept; `coefficient` = the setting's rank."""
+    """One SADI variant's (K, delta) grid × questions for one concept; `coefficient` = the point's rank."""
     site, where = SADI_VARIANTS[variant]
-    rows = [(k, d, q) for k, d in settings for q in questions]
+    rows = [(k, d, q) for k, d in grid for q in questions]
     responses = sadi.generate_sadi(
         model,
         tokenizer,
@@ -166,32 +168,33 @@ def sadi_grid(
         concept_class,
         concept,
         variant,
-        list(range(1, len(settings) + 1)),
+        list(range(1, len(grid) + 1)),
         questions,
         responses,
-        k=[k for k, _ in settings],
-        delta=[d for _, d in settings],
+        k=[k for k, _ in grid],
+        delta=[d for _, d in grid],
     )
 
 
-def _ks(settings: dict[str, list[tuple[int, float]]]) -> dict[str, list[int]]:
-    """The Ks each site needs for these variants' settings."""
+def _ks(grids: dict[str, list[tuple[int, float]]]) -> dict[str, list[int]]:
+    """The Ks each site needs for these variants' grids."""
     ks: dict[str, list[int]] = {}
-    for variant, grid in settings.items():
+    for variant, grid in grids.items():
         ks.setdefault(SADI_VARIANTS[variant][0], []).extend(k for k, _ in grid)
     return ks
 
 
-def tuning_settings(profile: profiles.Profile) -> dict[str, list[tuple[int, float]]]:
+def tuning_grids(profile: profiles.Profile) -> dict[str, list[tuple[int, float]]]:
     """Every (K, delta) of a profile's SADI tuning grid, per variant."""
     ks = {"head": profile.sadi_head_ks, "hidden": profile.sadi_hidden_ks}
     return {v: [(k, float(d)) for k in ks[site] for d in profile.sadi_deltas] for v, (site, _) in SADI_VARIANTS.items()}
 
 
 def run_sadi(
-    context: pipeline.RunContext, sample: pd.DataFrame, settings: dict[str, list[tuple[int, float]]]
+    context: pipeline.RunContext, sample: pd.DataFrame, grids: dict[str, list[tuple[int, float]]]
 ) -> pd.DataFrame:
-    """`sadi_grid` for every concept of a sample and every variant in `settings` (cached per concept and variant)."""
+    """`sadi_grid` for every concept of a sample and every variant in `grids` (cached per concept and variant), the
+    variant in column `variant`."""
     model, tokenizer = context.model, context.tokenizer
 
     def concept_grids(concept_class: str, concept: str) -> tuple[pd.DataFrame]:
@@ -202,7 +205,7 @@ def run_sadi(
             if not masks:
                 masks.update(
                     sadi_masks(
-                        model, tokenizer, context.model_name, concept_class, concept, context.statements, _ks(settings)
+                        model, tokenizer, context.model_name, concept_class, concept, context.statements, _ks(grids)
                     )
                 )
             return masks[site]
@@ -222,34 +225,34 @@ def run_sadi(
                 context.max_new_tokens,
             )
 
-        grids = [
-            _cached_grid(variant, inputs | dict(settings=grid), lambda: generate(variant, grid))
-            for variant, grid in settings.items()
+        variant_grids = [
+            _cached_grid(variant, inputs | dict(settings=grid), lambda: generate(variant, grid))  # key input name kept
+            for variant, grid in grids.items()
         ]
-        return (pd.concat(grids, ignore_index=True),)
+        return (pd.concat(variant_grids, ignore_index=True),)
 
-    return pipeline.for_each_concept(sample, concept_grids, "SADI")[0]
+    return pipeline.for_each_concept(sample, concept_grids, "SADI")[0].rename(columns={ENTRY_LABEL: "variant"})
 
 
-def best_sadi_settings(
-    scored: pd.DataFrame, n_settings: int = len(pipeline.COEFFICIENTS)
+def best_sadi_grids(
+    scored: pd.DataFrame, n_points: int = len(pipeline.COEFFICIENTS)
 ) -> dict[str, list[tuple[int, float]]]:
-    """Per variant, the `n_settings` (K, delta) with the highest mean judge score on the tuning concepts
+    """Per variant, the `n_points` (K, delta) with the highest mean judge score on the tuning concepts
     (ties: smaller delta, then smaller K), best first."""
-    means = scored.groupby(["setting", "k", "delta"]).score.mean().rename("mean").reset_index()
-    means = means.sort_values(["setting", "mean", "delta", "k"], ascending=[True, False, True, True], kind="stable")
+    means = scored.groupby(["variant", "k", "delta"]).score.mean().rename("mean").reset_index()
+    means = means.sort_values(["variant", "mean", "delta", "k"], ascending=[True, False, True, True], kind="stable")
     ranked = {
-        v: [(int(k), float(d)) for k, d in zip(rows.k, rows.delta)][:n_settings]
-        for v, rows in means.groupby("setting", sort=False)
+        v: [(int(k), float(d)) for k, d in zip(rows.k, rows.delta)][:n_points]
+        for v, rows in means.groupby("variant", sort=False)
     }
     return {v: ranked[v] for v in SADI_VARIANTS if v in ranked}
 
 
 def tuning_table(scored: pd.DataFrame, chosen: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
-    """Mean tuning score per variant and (K, delta), with the eval rank of the chosen settings (0 = not chosen)."""
-    table = scored.groupby(["setting", "k", "delta"]).score.mean().rename("mean_score").reset_index()
+    """Mean tuning score per variant and (K, delta), with the eval rank of the chosen points (0 = not chosen)."""
+    table = scored.groupby(["variant", "k", "delta"]).score.mean().rename("mean_score").reset_index()
     rank = {(v, k, d): i + 1 for v, grid in chosen.items() for i, (k, d) in enumerate(grid)}
-    table["eval_rank"] = [rank.get((v, k, d), 0) for v, k, d in zip(table.setting, table.k, table.delta)]
+    table["eval_rank"] = [rank.get((v, k, d), 0) for v, k, d in zip(table.variant, table.k, table.delta)]
     return table
 
 
@@ -257,11 +260,12 @@ def baseline_generations(
     context: pipeline.RunContext,
     sample: pd.DataFrame,
     block_set: str,
-    sadi_settings: dict[str, list[tuple[int, float]]],
+    sadi_grids: dict[str, list[tuple[int, float]]],
     protocol: Protocol = ADOPTED,
 ) -> pd.DataFrame:
-    """Every method's generations for a sample, `setting` = method name, in COMPARED_METHODS order; the vector
-    methods are trained and applied under `protocol` (prompting and SADI use none)."""
+    """Every method's generations for a sample, in COMPARED_METHODS order: the `method` column names it, `setting`
+    the vector's `pipeline.Setting` (empty for prompting and SADI, which fit none); the vector methods are trained
+    and applied under `protocol`."""
 
     def concept_methods(concept_class: str, concept: str) -> tuple[pd.DataFrame]:
         questions = context.questions[concept_class]
@@ -274,22 +278,17 @@ def baseline_generations(
         )
         settings = [pipeline.Setting.parse(s) for s in VECTOR_METHODS.values()]
         vectors, _ = pipeline.run_concept(context, concept_class, concept, settings, protocol=protocol)
+        vectors.insert(2, "method", vectors.setting.map({v: k for k, v in VECTOR_METHODS.items()}))
         ours, _ = layers.run_concept(context, concept_class, concept, protocol=protocol)
-        return (
-            pd.concat(
-                [
-                    prompting,
-                    vectors.replace({"setting": {v: k for k, v in VECTOR_METHODS.items()}}),
-                    ours[ours.setting == block_set].assign(setting="ours"),
-                ],
-                ignore_index=True,
-            ),
-        )
+        ours = ours[ours.block_set == block_set]
+        ours.insert(2, "method", "ours")
+        return (pd.concat([prompting.rename(columns={ENTRY_LABEL: "method"}), vectors, ours], ignore_index=True),)
 
     methods = pipeline.for_each_concept(sample, concept_methods, "baselines")[0]
-    table = pd.concat([methods, run_sadi(context, sample, sadi_settings)], ignore_index=True)
-    table["setting"] = pd.Categorical(table.setting, categories=list(COMPARED_METHODS), ordered=True)
-    return table.sort_values("setting", kind="stable").astype({"setting": str}).reset_index(drop=True)  # sample order
+    sadi_table = run_sadi(context, sample, sadi_grids).rename(columns={"variant": "method"})
+    table = pd.concat([methods, sadi_table], ignore_index=True).fillna({"setting": ""})
+    table["method"] = pd.Categorical(table.method, categories=list(COMPARED_METHODS), ordered=True)
+    return table.sort_values("method", kind="stable").astype({"method": str}).reset_index(drop=True)  # sample order
 
 
 def _timed(fn):
@@ -303,7 +302,7 @@ def cost_table(
     concept_class: str,
     concept: str,
     block_set: str,
-    sadi_settings: dict[str, list[tuple[int, float]]],
+    sadi_grids: dict[str, list[tuple[int, float]]],
     protocol: Protocol = ADOPTED,
 ) -> pd.DataFrame:
     """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
@@ -326,7 +325,7 @@ def cost_table(
             )[1],
         }
     ]
-    for method, setting in (*VECTOR_METHODS.items(), ("ours", "attention-soft-rfm")):
+    for method, setting in (*VECTOR_METHODS.items(), ("ours", pipeline.OURS)):
         blocks = steering.default_blocks(acts.prefixed.hidden.shape[1])
         scale = 1.0
         fit_start = time.perf_counter()
@@ -360,7 +359,7 @@ def cost_table(
         )
     messages = dict(zip(("prefixed", "plain"), data.paired_messages(concept_class, concept, statements)))
     recorded, record_s = _timed(lambda: {k: sadi.record_last_token(model, tokenizer, m) for k, m in messages.items()})
-    for variant, grid in sadi_settings.items():
+    for variant, grid in sadi_grids.items():
         site = SADI_VARIANTS[variant][0]
         masks, mask_s = _timed(
             lambda: {k: sadi.sadi_mask(recorded["prefixed"][site], recorded["plain"][site], k) for k, _ in grid}

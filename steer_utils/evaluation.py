@@ -1,12 +1,13 @@
-"""Steerability from judged generations, with bootstrap intervals and paired tests between settings.
+"""Steerability from judged generations, with bootstrap intervals and paired tests between compared things.
 
-Input: a tidy table of generations, one row per (setting, concept_class, concept, question_id,
-coefficient), with a 0/1 judge `score`; extra columns are ignored. Two protocols:
+Input: a tidy table of generations, one row per (compared, concept_class, concept, question_id, coefficient),
+with a 0/1 judge `score`; extra columns are ignored. `compared` names the column that holds what is compared:
+`setting` (notebooks 01/02), `block_set` (03), `method` (05), `arm` (06). Two protocols:
 - `best_of_grid` (the paper's): a question counts as steered if ANY coefficient of the grid scores 1.
   Picking the coefficient on the very question it is scored on flatters every method.
-- `held_out`: per concept and setting, ONE coefficient is chosen on the select questions (highest mean
+- `held_out`: per concept and compared value, ONE coefficient is chosen on the select questions (highest mean
   score; ties by smallest |coefficient|, then smallest value) and scored on the remaining questions only.
-Everything is deterministic: bootstraps take a seed, outputs are sorted (settings in order of first
+Everything is deterministic: bootstraps take a seed, outputs are sorted (compared values in order of first
 appearance, classes in benchmark order, then concept and question).
 """
 
@@ -20,15 +21,24 @@ from scipy import stats
 
 from .data import CLASSES
 
-GRID_COLUMNS = ("concept_class", "concept", "setting", "question_id", "coefficient", "score")
-CONCEPT_KEYS = ("setting", "concept_class", "concept")
-QUESTION_KEYS = (*CONCEPT_KEYS, "question_id")
+SETTING = "setting"  # the default compared column: a pipeline.Setting name
+CONCEPT_KEYS = ("concept_class", "concept")
 PROTOCOLS = ("best_of_grid", "held_out")
 ALL = "all"
-DRAW_SUFFIX = r"-d\d+$"  # marks repeated random draws of one setting: 'random-25%-d0', 'random-25%-d1', ...
+DRAW_SUFFIX = r"-d\d+$"  # marks repeated random draws of one block set: 'random-25%-d0', 'random-25%-d1', ...
 
 
-def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+def concept_keys(compared: str = SETTING) -> list[str]:
+    """The columns that name one concept of one compared value."""
+    return [compared, *CONCEPT_KEYS]
+
+
+def question_keys(compared: str = SETTING) -> list[str]:
+    """The columns that name one question of one concept of one compared value."""
+    return [*concept_keys(compared), "question_id"]
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str, compared: str = SETTING) -> None:
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"{what} must be a pandas DataFrame, got {type(df).__name__}.")
     missing = [c for c in columns if c not in df.columns]
@@ -36,7 +46,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} is missing required column(s): {', '.join(missing)}.")
     if df.empty:
         raise ValueError(f"{what} has no rows.")
-    keys = [c for c in columns if c in (*QUESTION_KEYS, "coefficient")]
+    keys = [c for c in columns if c in (*question_keys(compared), "coefficient")]
     holes = [c for c in keys if df[c].isna().any()]
     if holes:
         raise ValueError(f"{what} has missing values in column(s): {', '.join(holes)}.")
@@ -52,18 +62,21 @@ def _check_binary(values, name: str) -> np.ndarray:
     return flat.to_numpy().astype(int)
 
 
-def _grid(df: pd.DataFrame) -> pd.DataFrame:
+def _grid(df: pd.DataFrame, compared: str) -> pd.DataFrame:
     """A validated copy of a generations table: numeric coefficient, 0/1 int score, no duplicates."""
-    _require(df, GRID_COLUMNS, "Generations table")
+    keys = question_keys(compared)
+    _require(df, [*keys, "coefficient", "score"], "Generations table", compared)
     out = df.copy()
     out["coefficient"] = pd.to_numeric(out.coefficient, errors="coerce")
     if out.coefficient.isna().any() or not np.isfinite(out.coefficient).all():
         raise ValueError("Column coefficient must hold finite numbers.")
     out["score"] = _check_binary(out.score.to_numpy(), "Column score")
-    dup = out.duplicated([*QUESTION_KEYS, "coefficient"])
+    dup = out.duplicated([*keys, "coefficient"])
     if dup.any():
-        first = out.loc[dup, [*QUESTION_KEYS, "coefficient"]].iloc[0].to_dict()
-        raise ValueError(f"{int(dup.sum())} duplicated (concept, setting, question, coefficient) row(s), e.g. {first}.")
+        first = out.loc[dup, [*keys, "coefficient"]].iloc[0].to_dict()
+        raise ValueError(
+            f"{int(dup.sum())} duplicated (concept, {compared}, question, coefficient) row(s), e.g. {first}."
+        )
     return out
 
 
@@ -84,31 +97,32 @@ def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return x[np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
 
 
-def _sorted(out: pd.DataFrame, settings: Sequence, keys: Sequence[str]) -> pd.DataFrame:
-    """Rows ordered by setting (first appearance), class (benchmark order) and the remaining keys."""
-    rank = {s: i for i, s in enumerate(pd.unique(pd.Series(list(settings))))}
+def _sorted(out: pd.DataFrame, order: pd.Series, keys: Sequence[str]) -> pd.DataFrame:
+    """Rows ordered by the compared column `order.name` (first appearance in `order`), class (benchmark order)
+    and the remaining keys."""
+    rank = {s: i for i, s in enumerate(pd.unique(order))}
 
     def key(col: pd.Series) -> pd.Series:
-        if col.name == "setting":
+        if col.name == order.name:
             return col.map(rank)
         return _class_rank(col) if col.name == "concept_class" else col
 
     return out.sort_values(list(keys), key=key, kind="stable").reset_index(drop=True)
 
 
-def best_of_grid(df: pd.DataFrame) -> pd.DataFrame:
+def best_of_grid(df: pd.DataFrame, compared: str = SETTING) -> pd.DataFrame:
     """Per question: `steered` if any coefficient scores 1, and the smallest-|c| scoring `best_coefficient`."""
-    grid = _grid(df)
-    keys = list(QUESTION_KEYS)
+    grid = _grid(df, compared)
+    keys = question_keys(compared)
     grid = grid.assign(_abs=grid.coefficient.abs()).sort_values(["_abs", "coefficient"], kind="stable")
     steered = grid.groupby(keys, sort=False).score.max().rename("steered")
     best = grid[grid.score == 1].groupby(keys, sort=False).coefficient.first().rename("best_coefficient")
     out = steered.to_frame().join(best).reset_index()
-    return _sorted(out, df.setting, keys)
+    return _sorted(out, df[compared], keys)
 
 
-def _held_out(grid: pd.DataFrame, select: Sequence) -> pd.DataFrame:
-    keys = list(CONCEPT_KEYS)
+def _held_out(grid: pd.DataFrame, select: Sequence, compared: str) -> pd.DataFrame:
+    keys = concept_keys(compared)
     is_sel = grid.question_id.isin(select)
     means = grid[is_sel].groupby([*keys, "coefficient"]).score.mean().rename("_mean").reset_index()
     means["_abs"] = means.coefficient.abs()
@@ -147,15 +161,15 @@ def _held_out(grid: pd.DataFrame, select: Sequence) -> pd.DataFrame:
 
 
 def concept_steerability(
-    df: pd.DataFrame, protocol: str = "best_of_grid", select_questions: Sequence[int] = (0, 1)
+    df: pd.DataFrame, protocol: str = "best_of_grid", select_questions: Sequence[int] = (0, 1), compared: str = SETTING
 ) -> pd.DataFrame:
-    """One row per (setting, concept_class, concept): `steerability`, `steered_any`, `n_questions`."""
+    """One row per (compared, concept_class, concept): `steerability`, `steered_any`, `n_questions`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}.")
     if protocol == "best_of_grid":
         out = (
-            best_of_grid(df)
-            .groupby(list(CONCEPT_KEYS))
+            best_of_grid(df, compared)
+            .groupby(concept_keys(compared))
             .agg(steerability=("steered", "mean"), steered_any=("steered", "max"), n_questions=("question_id", "size"))
             .reset_index()
         )
@@ -163,10 +177,10 @@ def concept_steerability(
         select = list(select_questions)
         if not select:
             raise ValueError("select_questions must name at least one question for the held_out protocol.")
-        out = _held_out(_grid(df), select)
+        out = _held_out(_grid(df, compared), select, compared)
     out["steered_any"] = out.steered_any.astype(int)
     out["n_questions"] = out.n_questions.astype(int)
-    return _sorted(out, df.setting, CONCEPT_KEYS)
+    return _sorted(out, df[compared], concept_keys(compared))
 
 
 def bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
@@ -187,9 +201,10 @@ def bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) ->
 
 
 def steerability_table(
-    concept_df: pd.DataFrame, by: Sequence[str] = ("setting", "concept_class"), n_boot: int = 2000, seed: int = 0
+    concept_df: pd.DataFrame, by: Sequence[str] = (SETTING, "concept_class"), n_boot: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
-    """Mean steerability with a 95% bootstrap CI over concepts per group, plus an 'all'-classes row."""
+    """Mean steerability with a 95% bootstrap CI over concepts per group, plus an 'all'-classes row; groups in order
+    of first appearance of `by`'s first column."""
     by = list(by)
     if "concept_class" not in by:
         raise ValueError(f"`by` must include 'concept_class' (the 'all' rows pool over it), got {by}.")
@@ -213,7 +228,7 @@ def steerability_table(
                 }
             )
     out = pd.DataFrame(rows)
-    return out if "setting" not in outer else _sorted(out, concept_df.setting, ["setting"])
+    return _sorted(out, concept_df[outer[0]], outer[:1]) if outer else out
 
 
 def mcnemar_exact(a, b) -> dict:
@@ -251,44 +266,47 @@ def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) 
     }
 
 
-def compare_settings(
+def compare(
     concept_df: pd.DataFrame,
-    setting_a: str,
-    setting_b: str,
+    a: str,
+    b: str,
     value: str = "steerability",
     n_boot: int = 2000,
     seed: int = 0,
+    compared: str = SETTING,
 ) -> pd.DataFrame:
-    """Setting b vs a on the same concepts, per class and 'all': mean diff (b - a), bootstrap CI/p, McNemar."""
-    _require(concept_df, ["setting", "concept_class", "concept", value, "steered_any"], "Concept table")
-    keys = ["concept_class", "concept"]
+    """b vs a (two values of the `compared` column) on the same concepts, per class and 'all': mean diff (b - a),
+    bootstrap CI/p, McNemar; the pair is written as columns `<compared>_a`, `<compared>_b`."""
+    _require(concept_df, [*concept_keys(compared), value, "steered_any"], "Concept table", compared)
+    keys = list(CONCEPT_KEYS)
     sides = []
-    for s in (setting_a, setting_b):
-        part = concept_df[concept_df.setting == s]
+    for s in (a, b):
+        part = concept_df[concept_df[compared] == s]
         if part.empty:
-            raise ValueError(f"Setting '{s}' is not in the concept table; have: {list(pd.unique(concept_df.setting))}.")
+            raise ValueError(
+                f"{compared} '{s}' is not in the concept table; have: {list(pd.unique(concept_df[compared]))}."
+            )
         if part.duplicated(keys).any():
-            raise ValueError(f"Setting '{s}' has duplicated (concept_class, concept) rows.")
+            raise ValueError(f"{compared} '{s}' has duplicated (concept_class, concept) rows.")
         sides.append(part.set_index(keys))
     only_a = sides[0].index.difference(sides[1].index)
     only_b = sides[1].index.difference(sides[0].index)
     if len(only_a) or len(only_b):
         raise ValueError(
-            f"Settings cover different concepts: only in '{setting_a}': {list(only_a)}; "
-            f"only in '{setting_b}': {list(only_b)}."
+            f"{compared} values cover different concepts: only in '{a}': {list(only_a)}; only in '{b}': {list(only_b)}."
         )
-    a, b = sides[0], sides[1].reindex(sides[0].index)
-    classes = a.index.get_level_values(0)
+    side_a, side_b = sides[0], sides[1].reindex(sides[0].index)
+    classes = side_a.index.get_level_values(0)
     rows = []
     for cls in [*_ordered_classes(classes), ALL]:
-        m = np.ones(len(a), bool) if cls == ALL else np.asarray(classes == cls)
-        boot = paired_bootstrap(a[value].to_numpy()[m], b[value].to_numpy()[m], n_boot=n_boot, seed=seed)
-        mc = mcnemar_exact(a.steered_any.to_numpy()[m], b.steered_any.to_numpy()[m])
+        m = np.ones(len(side_a), bool) if cls == ALL else np.asarray(classes == cls)
+        boot = paired_bootstrap(side_a[value].to_numpy()[m], side_b[value].to_numpy()[m], n_boot=n_boot, seed=seed)
+        mc = mcnemar_exact(side_a.steered_any.to_numpy()[m], side_b.steered_any.to_numpy()[m])
         rows.append(
             {
                 "concept_class": cls,
-                "setting_a": setting_a,
-                "setting_b": setting_b,
+                f"{compared}_a": a,
+                f"{compared}_b": b,
                 "mean_a": boot["mean_a"],
                 "mean_b": boot["mean_b"],
                 "diff": boot["diff"],
@@ -312,65 +330,78 @@ def stack_protocols(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def stack_comparisons(
-    per_concept: dict[str, pd.DataFrame], pairs: Sequence[tuple[str, str]], seed: int = 0
+    per_concept: dict[str, pd.DataFrame], pairs: Sequence[tuple[str, str]], seed: int = 0, compared: str = SETTING
 ) -> pd.DataFrame:
-    """`compare_settings` for every protocol and (setting_a, setting_b) pair, in one table."""
+    """`compare` for every protocol and (a, b) pair of `compared` values, in one table."""
     return stack_protocols(
         {
-            p: pd.concat([compare_settings(frame, a, b, seed=seed) for a, b in pairs], ignore_index=True)
+            p: pd.concat([compare(frame, a, b, seed=seed, compared=compared) for a, b in pairs], ignore_index=True)
             for p, frame in per_concept.items()
         }
     )
 
 
 def steerability_by(
-    scored: pd.DataFrame, column: str, protocol: str = "best_of_grid", n_boot: int = 2000, seed: int = 0
+    scored: pd.DataFrame,
+    column: str,
+    protocol: str = "best_of_grid",
+    n_boot: int = 2000,
+    seed: int = 0,
+    compared: str = SETTING,
 ) -> pd.DataFrame:
     """`steerability_table` separately for each value of `column` (e.g. n_statements), stacked."""
     parts = [
-        steerability_table(concept_steerability(rows, protocol=protocol), n_boot=n_boot, seed=seed).assign(
-            **{column: value}
-        )
+        steerability_table(
+            concept_steerability(rows, protocol=protocol, compared=compared),
+            by=(compared, "concept_class"),
+            n_boot=n_boot,
+            seed=seed,
+        ).assign(**{column: value})
         for value, rows in scored.groupby(column, sort=True)
     ]
     return pd.concat(parts, ignore_index=True)
 
 
-def average_draws(concept_df: pd.DataFrame, suffix: str = DRAW_SUFFIX) -> pd.DataFrame:
-    """Merge settings that differ only by a draw suffix ('random-25%-d0', 'random-25%-d1', ...) into one row per
-    concept: mean `steerability` over draws; `steered_any` by majority (a tie counts as not steered)."""
-    _require(concept_df, ["setting", "concept_class", "concept", "steerability", "steered_any"], "Concept table")
-    merged = concept_df.assign(setting=concept_df.setting.str.replace(suffix, "", regex=True))
+def average_draws(concept_df: pd.DataFrame, compared: str = "block_set", suffix: str = DRAW_SUFFIX) -> pd.DataFrame:
+    """Merge values of `compared` that differ only by a draw suffix ('random-25%-d0', 'random-25%-d1', ...) into one
+    row per concept: mean `steerability` over draws; `steered_any` by majority (a tie counts as not steered)."""
+    keys = concept_keys(compared)
+    _require(concept_df, [*keys, "steerability", "steered_any"], "Concept table", compared)
+    merged = concept_df.assign(**{compared: concept_df[compared].str.replace(suffix, "", regex=True)})
     out = (
-        merged.groupby(list(CONCEPT_KEYS), sort=False)
+        merged.groupby(keys, sort=False)
         .agg(
             steerability=("steerability", "mean"), steered_any=("steered_any", "mean"), n_draws=("steerability", "size")
         )
         .reset_index()
     )
     out["steered_any"] = (out.steered_any > 0.5).astype(int)
-    return _sorted(out, merged.setting, CONCEPT_KEYS)
+    return _sorted(out, merged[compared], keys)
 
 
-def example_generations(scored: pd.DataFrame, per_class: int = 1, question_id: int = 0) -> pd.DataFrame:
-    """Side-by-side responses to one question: per concept and setting, the first scoring coefficient's
+def example_generations(
+    scored: pd.DataFrame, per_class: int = 1, question_id: int = 0, compared: str = SETTING
+) -> pd.DataFrame:
+    """Side-by-side responses to one question: per concept and `compared` value, the first scoring coefficient's
     response (or the smallest coefficient's when none scored), written as '[eps=c, score=s] text'."""
     concepts = scored.drop_duplicates("concept").groupby("concept_class", sort=False).head(per_class).concept
     rows = scored[scored.concept.isin(concepts) & (scored.question_id == question_id)]
     rows = rows.sort_values(["score", "coefficient"], ascending=[False, True], kind="stable")
-    picked = rows.groupby(["concept_class", "concept", "setting"], sort=False).head(1)
+    picked = rows.groupby([*CONCEPT_KEYS, compared], sort=False).head(1)
     text = [f"[eps={c:g}, score={s}] {r}" for c, s, r in zip(picked.coefficient, picked.score, picked.response)]
-    wide = picked.assign(example=text).pivot(index=["concept_class", "concept"], columns="setting", values="example")
-    return wide[list(dict.fromkeys(scored.setting))].reset_index()
+    wide = picked.assign(example=text).pivot(index=list(CONCEPT_KEYS), columns=compared, values="example")
+    return wide[list(dict.fromkeys(scored[compared]))].reset_index()
 
 
-def steering_strip(scored: pd.DataFrame, setting: str, concepts: list[str], question_id: int = 0) -> pd.DataFrame:
+def steering_strip(
+    scored: pd.DataFrame, value: str, concepts: list[str], question_id: int = 0, compared: str = SETTING
+) -> pd.DataFrame:
     """What steering does as eps grows: for each concept, the response to one question at every coefficient of
-    one setting, with the judge's score and reason (one row per concept × coefficient, coefficients ascending)."""
-    rows = scored[(scored.setting == setting) & scored.concept.isin(concepts) & (scored.question_id == question_id)]
+    one `compared` value, with the judge's score and reason (one row per concept × coefficient, ascending)."""
+    rows = scored[(scored[compared] == value) & scored.concept.isin(concepts) & (scored.question_id == question_id)]
     missing = sorted(set(concepts) - set(rows.concept))
     if missing:
-        raise ValueError(f"No generations of setting {setting!r} for concept(s) {missing} at question {question_id}.")
+        raise ValueError(f"No generations of {compared} {value!r} for concept(s) {missing} at question {question_id}.")
     order = {c: i for i, c in enumerate(concepts)}
     return rows.sort_values(["concept", "coefficient"], key=lambda c: c.map(order) if c.name == "concept" else c)[
         ["concept_class", "concept", "coefficient", "score", "reason", "response"]
@@ -378,12 +409,12 @@ def steering_strip(scored: pd.DataFrame, setting: str, concepts: list[str], ques
 
 
 def steerability_by_protocol(
-    scored: pd.DataFrame, seed: int = 0, average: bool = False
+    scored: pd.DataFrame, seed: int = 0, average: bool = False, compared: str = SETTING
 ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame], pd.DataFrame]:
     """For each steerability protocol (PROTOCOLS): the per-concept steerability (`concept_steerability`, random
     draws averaged when `average`) and its `steerability_table`; and those tables stacked (`stack_protocols`)."""
-    per_concept = {p: concept_steerability(scored, protocol=p) for p in PROTOCOLS}
+    per_concept = {p: concept_steerability(scored, protocol=p, compared=compared) for p in PROTOCOLS}
     if average:
-        per_concept = {p: average_draws(c) for p, c in per_concept.items()}
-    tables = {p: steerability_table(c, seed=seed) for p, c in per_concept.items()}
+        per_concept = {p: average_draws(c, compared) for p, c in per_concept.items()}
+    tables = {p: steerability_table(c, by=(compared, "concept_class"), seed=seed) for p, c in per_concept.items()}
     return per_concept, tables, stack_protocols(tables)

@@ -370,11 +370,11 @@ def confirmed_scores(scored: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
     return scored.assign(judge_score=scored.score, human=human, score=((scored.score == 1) & (human == 1)).astype(int))
 
 
-def confirmation_table(confirmed: pd.DataFrame) -> pd.DataFrame:
-    """Per setting: the judge's positive responses, how many a person labelled, how many were on-concept, and the
-    judge's precision on the labelled ones."""
+def confirmation_table(confirmed: pd.DataFrame, compared: str = "setting") -> pd.DataFrame:
+    """Per value of the `compared` column: the judge's positive responses, how many a person labelled, how many
+    were on-concept, and the judge's precision on the labelled ones."""
     positives = confirmed[confirmed.judge_score == 1]
-    table = positives.groupby("setting", sort=False).agg(
+    table = positives.groupby(compared, sort=False).agg(
         judge_positive=("judge_score", "size"),
         labelled=("human", lambda s: int(s.notna().sum())),
         confirmed=("human", lambda s: int((s == 1).sum())),

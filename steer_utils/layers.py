@@ -164,7 +164,8 @@ def run_concept(
 
     A set of k blocks gets the coefficient grid scaled by (#steerable / k), so every set injects about the
     same total shift into the residual stream as steering all blocks (`eps` column = the applied value).
-    Returns (generations: one row per block set × coefficient × question, enrichment: one row per block).
+    Returns (generations: one row per block set × coefficient × question, `block_set` naming the set with its
+    draw suffix ('random-25%-d1') and `setting` the vector's; enrichment: one row per block).
     """
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
@@ -213,7 +214,12 @@ def run_concept(
         grid["blocks"] = grid.setting.map(lambda s: " ".join(map(str, sets[s])))
         atomic_write(enrich_path, lambda tmp: table.to_csv(tmp, index=False))
         atomic_write(gen_path, lambda tmp: grid.to_csv(tmp, index=False))  # last: marks it done
-    return pd.read_csv(gen_path, keep_default_na=False), pd.read_csv(enrich_path)
+    # The entry keeps the grid's own labels (`setting` = the drawn set's name, `block_set` = without the draw); the
+    # table names the set `block_set` and gives `setting` its one meaning, the vector's setting.
+    entry = pd.read_csv(gen_path, keep_default_na=False)
+    generations = entry.drop(columns="block_set").rename(columns={"setting": "block_set"})
+    generations.insert(3, "setting", setting)
+    return generations, pd.read_csv(enrich_path)
 
 
 def run_concepts(context: RunContext, sample: pd.DataFrame, grader, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -64,18 +64,18 @@ def plot_data_overview(lengths, sample, statements) -> plt.Figure:
     return fig
 
 
-def plot_steerability(table, hue_order=None, ax=None, title: str = "") -> plt.Axes:
-    """Bars of steerability per class (and 'all') for each setting, with 95% bootstrap CIs."""
+def plot_steerability(table, hue_order=None, ax=None, title: str = "", compared: str = "setting") -> plt.Axes:
+    """Bars of steerability per class (and 'all') for each value of the `compared` column, with 95% bootstrap CIs."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
-    hue_order = list(dict.fromkeys(table.setting)) if hue_order is None else hue_order
+    hue_order = list(dict.fromkeys(table[compared])) if hue_order is None else hue_order
     classes = list(dict.fromkeys(table.concept_class))
     width = 0.8 / len(hue_order)
     palette = sns.color_palette("deep", len(hue_order))
-    for k, setting in enumerate(hue_order):
-        rows = table[table.setting == setting].set_index("concept_class").loc[classes]
+    for k, value in enumerate(hue_order):
+        rows = table[table[compared] == value].set_index("concept_class").loc[classes]
         x = [i - 0.4 + width * (k + 0.5) for i in range(len(classes))]
-        ax.bar(x, rows.steerability, width, color=palette[k], label=setting)
+        ax.bar(x, rows.steerability, width, color=palette[k], label=value)
         _ci_bars(ax, x, rows)
     ax.set_xticks(range(len(classes)), classes)
     ax.set(ylim=(0, 1.05), xlabel="concept class", ylabel="steerability (share of concepts)", title=title)
@@ -195,7 +195,7 @@ def plot_enrichment(table, value: str = "score") -> plt.Figure:
 
 def plot_block_set_steerability(table, order: list[str], title: str = "") -> plt.Figure:
     """Steerability ('all' classes) per steered block set with 95% CIs, grouped by the fraction of blocks kept."""
-    rows = table[table.concept_class == "all"].set_index("setting").loc[order].reset_index()
+    rows = table[table.concept_class == "all"].set_index("block_set").loc[order].reset_index()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(order) + 1.5), 3.2))
     colours = {
         "all": "grey",
@@ -203,9 +203,9 @@ def plot_block_set_steerability(table, order: list[str], title: str = "") -> plt
         "bottom": sns.color_palette("deep")[3],
         "random": sns.color_palette("deep")[7],
     }
-    ax.bar(range(len(rows)), rows.steerability, color=[colours[s.split("-")[0]] for s in rows.setting])
+    ax.bar(range(len(rows)), rows.steerability, color=[colours[s.split("-")[0]] for s in rows.block_set])
     _ci_bars(ax, range(len(rows)), rows)
-    ax.set_xticks(range(len(rows)), rows.setting, rotation=35, ha="right")
+    ax.set_xticks(range(len(rows)), rows.block_set, rotation=35, ha="right")
     ax.set(ylim=(0, 1.05), xlabel="steered blocks", ylabel="steerability (share of concepts)", title=title)
     return fig
 
@@ -279,8 +279,9 @@ def plot_working_coefficients(table) -> plt.Figure:
     return fig
 
 
-def plot_paired_differences(comparisons, ax=None, title: str = "") -> plt.Axes:
-    """Paired differences (setting_b − setting_a, all concepts) with 95% bootstrap CIs, McNemar p on the right."""
+def plot_paired_differences(comparisons, ax=None, title: str = "", compared: str = "method") -> plt.Axes:
+    """Paired differences (b − a of the `compared` pair, all concepts) with 95% bootstrap CIs, McNemar p on the
+    right."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3.2))
     rows = comparisons[comparisons.concept_class == "all"].reset_index(drop=True)
@@ -295,10 +296,10 @@ def plot_paired_differences(comparisons, ax=None, title: str = "") -> plt.Axes:
         markersize=4,
     )
     ax.axvline(0, color="grey", lw=0.8, ls="--")
-    ax.set_yticks(y, rows.setting_a)
+    ax.set_yticks(y, rows[f"{compared}_a"])
     for yi, p in zip(y, rows.p_mcnemar):
         ax.annotate(f"p={p:.2g}", (1.02, yi), xycoords=("axes fraction", "data"), va="center", fontsize=7)
-    ax.set(xlabel=f"{rows.setting_b.iloc[0]} − method (steerability)", title=title)
+    ax.set(xlabel=f"{rows[f'{compared}_b'].iloc[0]} − {compared} (steerability)", title=title)
     return ax
 
 
@@ -310,7 +311,7 @@ def plot_baselines(tables: dict, comparisons, methods: list[str], model: str) ->
     )
     for (bars, diffs), (protocol, table) in zip(axes, tables.items()):
         name = protocol.replace("_", "-")
-        plot_steerability(table, methods, ax=bars, title=f"{model}: {name}")
+        plot_steerability(table, methods, ax=bars, title=f"{model}: {name}", compared="method")
         bars.get_legend().remove()
         plot_paired_differences(comparisons[comparisons.protocol == protocol], ax=diffs, title=f"paired, {name}")
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -160,12 +160,12 @@ def _steerability_by_class(frame: pd.DataFrame, protocol: str) -> str:
     return table(["setting"] + classes, rows)
 
 
-def _paired(frame: pd.DataFrame) -> str:
+def _paired(frame: pd.DataFrame, compared: str = "setting") -> str:
     part = frame[frame.concept_class == "all"]
     rows = [
         [
             r.protocol.replace("_", "-"),
-            f"{r.setting_a} → {r.setting_b}",
+            f"{getattr(r, compared + '_a')} → {getattr(r, compared + '_b')}",
             signed(r.diff),
             f"[{signed(r.ci_low)}, {signed(r.ci_high)}]",
             pval(r.p_bootstrap),
@@ -347,7 +347,7 @@ def _notebook03(page: Page, model: str) -> None:
         )
     if steer is not None:
         page.figure(f"{model}/fig03_block_sets_best_of_grid.png", "block sets")
-        overall = _overall(steer)
+        overall = _overall(steer, "block_set")
         sets = ordered(s for _, s in overall)
         rows = [[p.replace("_", "-")] + [overall.get((p, s), "") for s in sets] for p in ordered(steer.protocol)]
         n = int(steer[steer.concept_class == "all"].n_concepts.max())
@@ -357,7 +357,7 @@ def _notebook03(page: Page, model: str) -> None:
         )
     tests = page.read(f"{model}/03_paired_tests.csv")
     if tests is not None:
-        page.add("Paired block-set comparisons (`03_paired_tests.csv`):", _paired(tests))
+        page.add("Paired block-set comparisons (`03_paired_tests.csv`):", _paired(tests, "block_set"))
 
 
 def _notebook05(page: Page, model: str) -> None:
@@ -367,13 +367,13 @@ def _notebook05(page: Page, model: str) -> None:
         return
     page.add("### Notebook 05: baselines")
     page.figure(f"{model}/fig05_baselines.png", "baselines")
-    overall = _overall(steer)
+    overall = _overall(steer, "method")
     tests, costs = page.read(f"{model}/05_paired_tests.csv"), page.read(f"{model}/05_costs.csv")
     diffs = {}
     if tests is not None:
         part = tests[(tests.concept_class == "all") & (tests.protocol == "best_of_grid")]
         diffs = {
-            r.setting_a: f"{ci(r.diff, r.ci_low, r.ci_high, 3, sign=True)} (p {pval(r.p_mcnemar)})"
+            r.method_a: f"{ci(r.diff, r.ci_low, r.ci_high, 3, sign=True)} (p {pval(r.p_mcnemar)})"
             for r in part.itertuples()
         }
     cost = (
@@ -411,19 +411,19 @@ def _notebook05(page: Page, model: str) -> None:
     tuning = page.read(f"{model}/05_sadi_tuning.csv")
     if tuning is not None:
         rows = []
-        for setting in ordered(tuning.setting):
-            part = tuning[tuning.setting == setting]
+        for variant in ordered(tuning.variant):
+            part = tuning[tuning.variant == variant]
             chosen = part[part.eval_rank > 0].sort_values("eval_rank")
             rows.append(
                 [
-                    code(setting),
+                    code(variant),
                     num(part.mean_score.max()),
                     "; ".join(f"K {int(r.k)}, delta {num(r.delta, 1)}" for r in chosen.itertuples()),
                 ]
             )
         page.add(
-            "SADI tuning on held-out concepts (`05_sadi_tuning.csv`): the best tuning score and the settings "
-            "chosen for the grid, in order:",
+            "SADI tuning on held-out concepts (`05_sadi_tuning.csv`): the best tuning score and the (K, delta) "
+            "points chosen for its grid, in order:",
             table(["variant", "best tuning score", "grid"], rows, "lrl"),
         )
 

@@ -15,7 +15,7 @@ The method, in three steps:
 Our adaptation: the original (a) derives its contrast from correct/incorrect answers of a task, here from a
 concept prefix, (b) intervenes only at the last prompt token -- positions="last" does that (only the prefill
 call, position -1; decode steps untouched) -- and we add positions="all" (every position of every forward call,
-prefill and decode), and (c) runs several (mask, delta) settings in one batched `generate`, each row with its
+prefill and decode), and (c) runs several (mask, delta) points in one batched `generate`, each row with its
 own per-block scale 1 + delta_r * mask_r; a row that does not touch a block is multiplied by exactly 1.0 there,
 which leaves its values bit-identical.
 """

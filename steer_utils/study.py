@@ -109,8 +109,8 @@ def arm_table(arms=ARMS) -> pd.DataFrame:
 def run_arms(context: pipeline.RunContext, sample: pd.DataFrame, arms, grader, coefficients=GRID) -> pd.DataFrame:
     """Every arm × concept × coefficient × question, generated (cached per concept and arm) and judged.
 
-    Arms train on `arm.statements(statements)`. The `setting` column holds the arm's name, so `evaluation` compares
-    arms; `vector_setting` holds the vector's setting.
+    Arms train on `arm.statements(statements)`. The `arm` column holds the arm's name (what `evaluation` compares,
+    `compared="arm"`); `setting` holds the vector's setting.
     """
     parts = []
     for arm in tqdm(list(arms), desc="arms"):
@@ -120,16 +120,14 @@ def run_arms(context: pipeline.RunContext, sample: pd.DataFrame, arms, grader, c
             arm_context, sample, settings, coefficients=coefficients, protocol=arm.protocol
         )
         parts.append(
-            generations.rename(columns={"setting": "vector_setting"}).assign(
-                setting=arm.name, factor=arm.factor, level=arm.level
-            )[
+            generations.assign(arm=arm.name, factor=arm.factor, level=arm.level)[
                 [
                     "concept_class",
                     "concept",
-                    "setting",
+                    "arm",
                     "factor",
                     "level",
-                    "vector_setting",
+                    "setting",
                     "coefficient",
                     "question_id",
                     "question",
@@ -145,9 +143,9 @@ def factor_table(scored: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     paper's arm (bootstrap CI, McNemar on whether any question steered)."""
     rows = []
     for protocol in evaluation.PROTOCOLS:
-        per_concept = evaluation.concept_steerability(scored, protocol=protocol)
-        for arm in dict.fromkeys(per_concept.setting):
-            part = per_concept[per_concept.setting == arm]
+        per_concept = evaluation.concept_steerability(scored, protocol=protocol, compared="arm")
+        for arm in dict.fromkeys(per_concept.arm):
+            part = per_concept[per_concept.arm == arm]
             mean, low, high = evaluation.bootstrap_ci(part.steerability, seed=seed)
             row = {
                 "protocol": protocol,
@@ -158,7 +156,7 @@ def factor_table(scored: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                 "n_concepts": len(part),
             }
             if arm != PAPER_ARM.name:
-                diff = evaluation.compare_settings(per_concept, PAPER_ARM.name, arm, seed=seed).iloc[-1]
+                diff = evaluation.compare(per_concept, PAPER_ARM.name, arm, seed=seed, compared="arm").iloc[-1]
                 row |= {
                     "diff": diff["diff"],
                     "diff_low": diff.ci_low,
@@ -166,7 +164,7 @@ def factor_table(scored: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                     "p_mcnemar": diff.p_mcnemar,
                 }
             rows.append(row)
-    arms = scored.drop_duplicates("setting").set_index("setting")[["factor", "level"]]
+    arms = scored.drop_duplicates("arm").set_index("arm")[["factor", "level"]]
     return pd.DataFrame(rows).join(arms, on="arm")[
         [
             "protocol",
@@ -192,11 +190,11 @@ def grid_table(scored: pd.DataFrame, arms: list[str], levels=GRID_LEVELS, seed: 
         if not set(np.round(grid, 9)) <= run_grid:
             continue
         subset = scored[
-            scored.setting.isin(arms) & np.isclose(scored.coefficient.to_numpy()[:, None], np.array(grid)[None]).any(1)
+            scored.arm.isin(arms) & np.isclose(scored.coefficient.to_numpy()[:, None], np.array(grid)[None]).any(1)
         ]
         for protocol in evaluation.PROTOCOLS:
-            per_concept = evaluation.concept_steerability(subset, protocol=protocol)
-            for arm, part in per_concept.groupby("setting", sort=False):
+            per_concept = evaluation.concept_steerability(subset, protocol=protocol, compared="arm")
+            for arm, part in per_concept.groupby("arm", sort=False):
                 mean, low, high = evaluation.bootstrap_ci(part.steerability, seed=seed)
                 rows.append(
                     {
@@ -214,13 +212,12 @@ def grid_table(scored: pd.DataFrame, arms: list[str], levels=GRID_LEVELS, seed: 
 
 def response_profile(scored: pd.DataFrame) -> pd.DataFrame:
     """Per arm and coefficient: mean judge score, mean coherence and the share of each judge reason."""
-    shares = pd.crosstab([scored.setting, scored.coefficient], scored.reason, normalize="index")
-    means = scored.groupby(["setting", "coefficient"]).agg(score=("score", "mean"), coherence=("coherence", "mean"))
-    order = {a: i for i, a in enumerate(dict.fromkeys(scored.setting))}
+    shares = pd.crosstab([scored.arm, scored.coefficient], scored.reason, normalize="index")
+    means = scored.groupby(["arm", "coefficient"]).agg(score=("score", "mean"), coherence=("coherence", "mean"))
+    order = {a: i for i, a in enumerate(dict.fromkeys(scored.arm))}
     return (
         means.join(shares)
         .reset_index()
-        .rename(columns={"setting": "arm"})
         .sort_values(["arm", "coefficient"], key=lambda c: c.map(order) if c.name == "arm" else c, kind="stable")
         .reset_index(drop=True)
     )
@@ -255,7 +252,7 @@ def prompting(context: pipeline.RunContext, sample: pd.DataFrame, grader) -> pd.
     table = pd.DataFrame(rows, columns=["concept_class", "concept", "question_id", "question"])
     return judge.score_generations(
         grader,
-        table.assign(setting="prompting", factor="reference", level="prompting", coefficient=0.0, response=responses),
+        table.assign(arm="prompting", factor="reference", level="prompting", coefficient=0.0, response=responses),
     )
 
 
@@ -263,9 +260,9 @@ def bound_table(scored: pd.DataFrame, prompted: pd.DataFrame, arms: list[str]) -
     """What bounds steering: per arm and for prompting, the share of concepts steered on any question at any eps
     (best-of-grid), best-of-grid and held-out steerability, and the share of the concepts that prompting steers
     which the arm steers too."""
-    frames = pd.concat([scored[scored.setting.isin(arms)], prompted], ignore_index=True)
+    frames = pd.concat([scored[scored.arm.isin(arms)], prompted], ignore_index=True)
     per = {
-        p: evaluation.concept_steerability(frames, protocol=p).set_index(["setting", "concept_class", "concept"])
+        p: evaluation.concept_steerability(frames, protocol=p, compared="arm").set_index(evaluation.concept_keys("arm"))
         for p in evaluation.PROTOCOLS
     }
     reachable = per["best_of_grid"].loc["prompting"].steered_any.astype(bool)  # concepts prompting can steer
@@ -289,7 +286,7 @@ def confirmation(scored: pd.DataFrame, cases: pd.DataFrame, seed: int = 0) -> pd
     judge positives, how many a person labelled and confirmed (`judge.confirmation_table`). An arm whose judge
     positives are not all labelled gets a lower bound."""
     confirmed = judge.confirmed_scores(scored, cases)
-    counts = judge.confirmation_table(confirmed).rename(columns={"setting": "arm"})
+    counts = judge.confirmation_table(confirmed, compared="arm")
     return factor_table(confirmed, seed).merge(counts, on="arm", how="left")
 
 

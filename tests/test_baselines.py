@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import baselines, data, models, paths, pipeline, profiles, scaling
+from steer_utils import baselines, data, evaluation, models, paths, pipeline, profiles, scaling, vectors
 
 
 def test_tuning_concepts_are_disjoint_from_the_reported_ones():
@@ -21,12 +21,12 @@ def test_tuning_concepts_are_disjoint_from_the_reported_ones():
         baselines.tuning_concepts(3, 0)
 
 
-def test_best_sadi_settings_rank_by_tuning_score_with_ties_to_smaller_delta():
+def test_best_sadi_grids_rank_by_tuning_score_with_ties_to_smaller_delta():
     rows = [
         ("sadi-head-last", k, d, s) for k, d, s in [(1, 5.0, 0), (1, 20.0, 1), (4, 5.0, 1), (4, 20.0, 1), (10, 80.0, 0)]
     ]
-    scored = pd.DataFrame(rows, columns=["setting", "k", "delta", "score"])
-    chosen = baselines.best_sadi_settings(scored, n_settings=3)
+    scored = pd.DataFrame(rows, columns=["variant", "k", "delta", "score"])
+    chosen = baselines.best_sadi_grids(scored, n_points=3)
     assert chosen == {"sadi-head-last": [(4, 5.0), (1, 20.0), (4, 20.0)]}
     table = baselines.tuning_table(scored, chosen)
     assert table.set_index(["k", "delta"]).eval_rank.to_dict() == {
@@ -39,15 +39,16 @@ def test_best_sadi_settings_rank_by_tuning_score_with_ties_to_smaller_delta():
 
 
 @pytest.mark.parametrize("name", list(profiles.PROFILES))
-def test_tuning_grid_covers_every_variant_and_setting(name):
+def test_tuning_grid_covers_every_variant_and_point(name):
     profile = profiles.PROFILES[name]
-    grid = baselines.tuning_settings(profile)
+    grid = baselines.tuning_grids(profile)
     assert set(grid) == set(baselines.SADI_VARIANTS)
     assert len(grid["sadi-head-last"]) == len(profile.sadi_head_ks) * len(profile.sadi_deltas)
     assert len(grid["sadi-hidden-all"]) == len(profile.sadi_hidden_ks) * len(profile.sadi_deltas)
-    assert all(len(v) >= len(pipeline.COEFFICIENTS) for v in grid.values())  # enough settings for SADI's eval grid
+    assert all(len(v) >= len(pipeline.COEFFICIENTS) for v in grid.values())  # enough points for SADI's eval grid
     assert (1, 1.0) in grid["sadi-hidden-last"] and all(isinstance(d, float) for _, d in grid["sadi-head-all"])
-    assert set(baselines.COMPARED_METHODS) >= {"prompting", "mean-difference", "prior", "ours"}
+    assert set(baselines.COMPARED_METHODS) >= {"prompting", "mean_difference", "prior", "ours"}
+    assert set(baselines.VECTOR_METHODS) <= set(vectors.METHODS) | {"prior"}  # one spelling per method
 
 
 def test_ours_block_set_reads_notebook_03_or_checks_the_name(tmp_path, monkeypatch):
@@ -61,7 +62,7 @@ def test_ours_block_set_reads_notebook_03_or_checks_the_name(tmp_path, monkeypat
         {
             "protocol": ["held_out"] * 4 + ["best_of_grid"],
             "concept_class": "all",
-            "setting": ["all", "top-25%", "top-50%", "bottom-25%", "top-50%"],
+            "block_set": ["all", "top-25%", "top-50%", "bottom-25%", "top-50%"],
             "steerability": [0.1, 0.3, 0.2, 0.9, 1.0],
         }
     )
@@ -80,9 +81,9 @@ def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     model, tokenizer, _ = tiny
     questions = ["What do you see?", "Where are you?"]
     prompted = baselines.prompting_grid(model, tokenizer, "moods", "Cheerful", questions, max_new_tokens=3)
-    assert list(prompted.setting.unique()) == ["prompting"] and prompted.coefficient.eq(0).all()
+    assert list(prompted[baselines.ENTRY_LABEL].unique()) == ["prompting"] and prompted.coefficient.eq(0).all()
     assert prompted.question.tolist() == questions  # the judge sees the question, not the prefix
-    settings = [(1, 5.0), (2, 20.0)]
+    points = [(1, 5.0), (2, 20.0)]
     statements = ["The sea is calm.", "Cats sleep a lot."]
     masks = baselines.sadi_masks(model, tokenizer, "tiny", "moods", "Cheerful", statements, {"head": [1, 2, 2]})
     assert sorted(masks) == ["head"] and [int(m.sum()) for m in masks["head"].values()] == [1, 2]
@@ -90,10 +91,35 @@ def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     again = baselines.sadi_masks(model, tokenizer, "tiny", "moods", "Cheerful", statements, {"head": [1, 2]})
     assert all(torch.equal(again["head"][k], masks["head"][k]) for k in (1, 2))
     grid = baselines.sadi_grid(
-        model, tokenizer, "moods", "Cheerful", questions, "sadi-head-last", settings, masks["head"], max_new_tokens=3
+        model, tokenizer, "moods", "Cheerful", questions, "sadi-head-last", points, masks["head"], max_new_tokens=3
     )
     assert grid.coefficient.tolist() == [1, 1, 2, 2] and grid.k.tolist() == [1, 1, 2, 2]
     assert grid.delta.tolist() == [5.0, 5.0, 20.0, 20.0] and grid.question_id.tolist() == [0, 1, 0, 1]
+
+
+def test_baseline_generations_name_the_method_and_keep_the_vector_setting(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
+    model, tokenizer, _ = tiny
+    statements = ["The sea is calm.", "Cats sleep a lot.", "Rain fell all day.", "The bus was late."]
+    context = pipeline.RunContext(model, tokenizer, "tiny", statements, {"moods": ["Hi?"]}, max_new_tokens=2)
+    sample = pd.DataFrame({"concept_class": ["moods"], "concept": ["Cheerful"]})
+    grids = {"sadi-head-last": [(1, 5.0)], "sadi-hidden-all": [(1, 1.0)]}
+    table = baselines.baseline_generations(context, sample, "all", grids)
+    methods = ["prompting", "mean_difference", "prior", "ours", "sadi-head-last", "sadi-hidden-all"]
+    assert list(dict.fromkeys(table.method)) == methods and table.columns[2] == "method"
+    assert table.groupby("method", sort=False).setting.first().tolist() == [
+        "",
+        "fixed-hard-mean_difference",
+        "fixed-hard-rfm",
+        pipeline.OURS,
+        "",
+        "",
+    ]
+    assert table[table.method == "ours"].block_set.eq("all").all()
+    steered = evaluation.concept_steerability(table.assign(score=0), compared="method")
+    assert steered.method.tolist() == methods
+    tuning = baselines.run_sadi(context, sample, grids)
+    assert list(dict.fromkeys(tuning.variant)) == list(grids) and "setting" not in tuning
 
 
 def results_tree(root, models_):
@@ -223,7 +249,7 @@ def test_baseline_figure_has_a_bar_and_a_paired_panel_per_protocol():
     methods = ["prompting", "prior", "ours"]
     table = pd.DataFrame(
         [(m, c, 0.2 * i, 0.1 * i, 0.3 * i) for i, m in enumerate(methods) for c in ["moods", "all"]],
-        columns=["setting", "concept_class", "steerability", "ci_low", "ci_high"],
+        columns=["method", "concept_class", "steerability", "ci_low", "ci_high"],
     )
     comparisons = pd.DataFrame(
         [
@@ -231,7 +257,7 @@ def test_baseline_figure_has_a_bar_and_a_paired_panel_per_protocol():
             for p in ["best_of_grid", "held_out"]
             for m, d in [("prompting", -0.4), ("prior", 0.2)]
         ],
-        columns=["protocol", "concept_class", "setting_a", "setting_b", "diff", "ci_low", "ci_high", "p_mcnemar"],
+        columns=["protocol", "concept_class", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_mcnemar"],
     )
     fig = plots.plot_baselines({"best_of_grid": table, "held_out": table}, comparisons, methods, "m")
     bars, diffs = fig.axes[0], fig.axes[1]

@@ -171,14 +171,14 @@ def test_paired_bootstrap_definition():
     assert null["diff"] == 0 and null["p_value"] > 0.5
 
 
-def test_compare_settings_detects_planted_difference_with_right_sign():
-    out = ev.compare_settings(concept_table(), "hard", "soft", n_boot=500)
+def test_compare_detects_planted_difference_with_right_sign():
+    out = ev.compare(concept_table(), "hard", "soft", n_boot=500)
     assert out.concept_class.tolist() == ["fears", "places", "all"]
     overall = out.iloc[-1]
     assert overall.n_concepts == 40 and overall["diff"] > 0.5 and overall.ci_low > 0
     assert overall.p_bootstrap < 0.01 and overall.p_mcnemar < 1e-5
     assert overall.n01 > 20 and overall.n10 == 0
-    flipped = ev.compare_settings(concept_table(), "soft", "hard", n_boot=500).iloc[-1]
+    flipped = ev.compare(concept_table(), "soft", "hard", n_boot=500).iloc[-1]
     assert flipped["diff"] == pytest.approx(-overall["diff"]) and (flipped.n01, flipped.n10) == (0, overall.n01)
 
 
@@ -195,9 +195,11 @@ def test_errors_are_clear():
     table = concept_table()
     dropped = table.drop(table[(table.setting == "soft") & (table.concept == "fears-3")].index)
     with pytest.raises(ValueError, match="fears-3"):
-        ev.compare_settings(dropped, "hard", "soft")
-    with pytest.raises(ValueError, match="Setting 'medium'"):
-        ev.compare_settings(table, "hard", "medium")
+        ev.compare(dropped, "hard", "soft")
+    with pytest.raises(ValueError, match="setting 'medium'"):
+        ev.compare(table, "hard", "medium")
+    with pytest.raises(ValueError, match="missing required column.*arm"):
+        ev.concept_steerability(df, compared="arm")
     with pytest.raises(ValueError, match="duplicated"):
         ev.best_of_grid(pd.concat([df, df.iloc[:1]]))
 
@@ -219,6 +221,29 @@ def test_steerability_by_protocol_is_the_per_protocol_tables_stacked():
         assert per_concept[protocol].equals(expected)
         assert tables[protocol].equals(ev.steerability_table(expected, seed=3))
     assert stacked.equals(ev.stack_protocols(tables))
+
+
+def test_any_column_can_be_the_compared_one_with_the_same_numbers():
+    """Renaming the compared column (setting -> arm) renames it in every output and changes no number."""
+    rng = np.random.default_rng(2)
+    scored = pd.concat(
+        [
+            grid({q: {c: int(rng.random() < 0.4) for c in (1, 2)} for q in range(4)}, setting=s, concept=f"c{i}")
+            for s in ("a", "b")
+            for i in range(5)
+        ],
+        ignore_index=True,
+    )
+    as_arm = scored.rename(columns={"setting": "arm"})
+    per_setting, _, stacked = ev.steerability_by_protocol(scored, seed=1)
+    per_arm, _, stacked_arm = ev.steerability_by_protocol(as_arm, seed=1, compared="arm")
+    assert stacked_arm.equals(stacked.rename(columns={"setting": "arm"}))
+    tests = ev.stack_comparisons(per_setting, [("a", "b")], seed=1)
+    tests_arm = ev.stack_comparisons(per_arm, [("a", "b")], seed=1, compared="arm")
+    assert tests_arm.equals(tests.rename(columns={"setting_a": "arm_a", "setting_b": "arm_b"}))
+    assert ev.best_of_grid(as_arm, "arm").equals(ev.best_of_grid(scored).rename(columns={"setting": "arm"}))
+    examples = ev.example_generations(as_arm.assign(response="r"), compared="arm")
+    assert examples.columns.tolist() == ["concept_class", "concept", "a", "b"]
 
 
 def test_figures_with_bootstrap_bands_are_byte_identical_on_a_rerun(tmp_path):

@@ -199,7 +199,7 @@ def test_agreement_with_hand_labelled_generations(judged):
 def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
     scored = pd.DataFrame(
         {
-            "setting": ["a", "a", "a", "b"],
+            "arm": ["a", "a", "a", "b"],
             "concept": ["X", "X", "Y", "X"],
             "response": ["on", "off", "unlabelled", "on"],
             "score": [1, 1, 1, 0],
@@ -209,7 +209,7 @@ def test_confirmed_scores_keep_a_judge_positive_only_where_a_person_agrees():
     confirmed = confirmed_scores(scored, cases)
     assert list(confirmed.score) == [1, 0, 0, 0] and list(confirmed.judge_score) == [1, 1, 1, 0]
     assert confirmed.human.isna().tolist() == [False, False, True, False]
-    table = confirmation_table(confirmed).set_index("setting")
+    table = confirmation_table(confirmed, compared="arm").set_index("arm")
     assert table.loc["a"].tolist() == [3, 2, 1, 0.5] and "b" not in table.index
 
 

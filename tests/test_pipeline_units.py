@@ -339,7 +339,7 @@ def test_average_draws_merges_random_draws_only():
 
     table = pd.DataFrame(
         {
-            "setting": ["top-25%", "random-25%-d0", "random-25%-d1", "random-25%-d2"] * 2,
+            "block_set": ["top-25%", "random-25%-d0", "random-25%-d1", "random-25%-d2"] * 2,
             "concept_class": ["moods"] * 8,
             "concept": ["a"] * 4 + ["b"] * 4,
             "steerability": [1.0, 0.2, 0.4, 0.6, 0.0, 1.0, 0.0, 0.0],
@@ -348,8 +348,8 @@ def test_average_draws_merges_random_draws_only():
         }
     )
     merged = evaluation.average_draws(table)
-    assert list(merged.setting) == ["top-25%", "top-25%", "random-25%", "random-25%"]
-    random = merged[merged.setting == "random-25%"].set_index("concept")
+    assert list(merged.block_set) == ["top-25%", "top-25%", "random-25%", "random-25%"]
+    random = merged[merged.block_set == "random-25%"].set_index("concept")
     assert random.steerability.round(6).to_dict() == {"a": 0.4, "b": round(1 / 3, 6)}
     assert random.steered_any.to_dict() == {"a": 1, "b": 0} and random.n_draws.tolist() == [3, 3]
 

@@ -203,7 +203,7 @@ def _planted_generations(arms: dict[str, list[int]], grid=(0.01, 0.02, 0.03)) ->
                         {
                             "concept_class": data.CLASSES[i % 5],
                             "concept": f"c{i}",
-                            "setting": arm,
+                            "arm": arm,
                             "factor": factor,
                             "level": level or arm,
                             "coefficient": c,
@@ -284,11 +284,11 @@ def test_diagnosis_on_a_tiny_model(tiny, tmp_cache, monkeypatch):
 
 def test_steering_strip_orders_coefficients_and_names_missing_concepts(tmp_path):
     scored = _planted_generations({"paper": [1, 0, 0]}).assign(response=lambda t: "text " + t.coefficient.astype(str))
-    strip = evaluation.steering_strip(scored, "paper", ["c1", "c0"])
+    strip = evaluation.steering_strip(scored, "paper", ["c1", "c0"], compared="arm")
     assert list(strip.concept) == ["c1"] * 3 + ["c0"] * 3 and list(strip.coefficient[:3]) == [0.01, 0.02, 0.03]
     assert list(strip.score) == [0, 0, 0, 0, 0, 1]
     with pytest.raises(ValueError, match=r"concept\(s\) \['c9'\]"):
-        evaluation.steering_strip(scored, "paper", ["c0", "c9"])
+        evaluation.steering_strip(scored, "paper", ["c0", "c9"], compared="arm")
     from steer_utils import plots
 
     paths = plots.save_figure(plots.plot_steering_strip(strip, "strip"), tmp_path, "strip")
@@ -317,7 +317,13 @@ def test_layer_selection_runs_under_a_protocol_and_rejects_one_that_picks_blocks
     paper, _ = layers.run_concept(context, "moods", "Cheerful", protocol=PAPER, **run)
     contrast, _ = layers.run_concept(context, "moods", "Cheerful", protocol=Protocol(contrast=2), **run)
     assert len(list((tmp_cache / "layers" / "tiny").glob("*.enrichment.csv"))) == 2  # one cache entry each
-    assert list(paper.setting) == list(contrast.setting)
+    assert list(paper.block_set) == list(contrast.block_set) and "random-50%-d0" in set(paper.block_set)
+    assert paper.setting.eq(pipeline.OURS).all() and paper.columns[:4].tolist() == [
+        "concept_class",
+        "concept",
+        "block_set",
+        "setting",
+    ]
 
 
 def test_a_run_off_the_adopted_protocol_writes_to_its_own_subfolder(tmp_path, monkeypatch):

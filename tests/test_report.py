@@ -13,16 +13,18 @@ from steer_utils.paths import ROOT
 CLASSES = ["fears", "moods"]
 
 
-def _steerability(settings: dict[str, dict[str, tuple[float, float, float]]], n: int) -> pd.DataFrame:
-    """settings: {setting: {class or 'all': (value, low, high)}} for both protocols (held-out halves the values)."""
+def _steerability(
+    values: dict[str, dict[str, tuple[float, float, float]]], n: int, compared: str = "setting"
+) -> pd.DataFrame:
+    """values: {compared value: {class or 'all': (value, low, high)}} for both protocols (held-out halves them)."""
     rows = []
     for protocol, scale in (("best_of_grid", 1.0), ("held_out", 0.5)):
-        for setting, by_class in settings.items():
+        for name, by_class in values.items():
             for concept_class, (v, lo, hi) in by_class.items():
                 rows.append(
                     {
                         "protocol": protocol,
-                        "setting": setting,
+                        compared: name,
                         "concept_class": concept_class,
                         "steerability": v * scale,
                         "ci_low": lo * scale,
@@ -64,7 +66,7 @@ def _results(root: Path) -> Path:
             }
         ]
     ).to_csv(model / "01_paired_tests.csv", index=False)
-    _steerability({"prompting": {"all": (0.6, 0.4, 0.8)}, "ours": {"all": (0.2, 0.1, 0.3)}}, 6).to_csv(
+    _steerability({"prompting": {"all": (0.6, 0.4, 0.8)}, "ours": {"all": (0.2, 0.1, 0.3)}}, 6, "method").to_csv(
         model / "05_steerability.csv", index=False
     )
     pd.DataFrame(
@@ -166,3 +168,18 @@ def test_findings_were_read_against_the_committed_results():
     )
     changed = report.results_digest(ROOT / "results") != report.results_digest(ROOT / "results" / "smollm2-135m")
     assert changed  # the digest reads the tables
+
+
+def test_committed_tables_use_one_word_per_idea():
+    """A `setting` column holds only pipeline.Setting names (blank where no vector is fitted); block sets, methods,
+    SADI variants and arms have their own columns; a vector method has one spelling."""
+    from steer_utils import pipeline
+
+    tables = sorted((ROOT / "results").rglob("0*.csv"))
+    assert tables
+    for path in tables:
+        table = pd.read_csv(path, keep_default_na=False, low_memory=False)
+        for column in [c for c in table.columns if c in ("setting", "setting_a", "setting_b")]:
+            for name in set(table[column]) - {""}:
+                pipeline.Setting.parse(name)  # raises on a block set, a method or an arm
+        assert not table.isin(["mean-difference"]).any().any(), f"{path}: spell it mean_difference"
