@@ -342,20 +342,12 @@ def stack_comparisons(
 
 
 def steerability_by(
-    scored: pd.DataFrame,
-    column: str,
-    protocol: str = "best_of_grid",
-    n_boot: int = 2000,
-    seed: int = 0,
-    compared: str = SETTING,
+    scored: pd.DataFrame, column: str, protocol: str = "best_of_grid", seed: int = 0, compared: str = SETTING
 ) -> pd.DataFrame:
     """`steerability_table` separately for each value of `column` (e.g. n_statements), stacked."""
     parts = [
         steerability_table(
-            concept_steerability(rows, protocol=protocol, compared=compared),
-            by=(compared, "concept_class"),
-            n_boot=n_boot,
-            seed=seed,
+            concept_steerability(rows, protocol=protocol, compared=compared), by=(compared, "concept_class"), seed=seed
         ).assign(**{column: value})
         for value, rows in scored.groupby(column, sort=True)
     ]
