@@ -9,7 +9,7 @@ Methods (the `method` column of the generations; `setting` holds a vector method
 Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); a SADI variant's grid is a list of (K, delta)
 points tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank
 (1 = best). Every (concept, method) is cached like notebook 01's generations; a cached grid labels its rows in a
-column named `setting` (ENTRY_LABEL), which the tables rename to `method` or `variant`.
+column named `setting` (`steering.GRID_LABEL`), which the tables rename to `method` or `variant`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ VECTOR_METHODS = {"mean_difference": "fixed-hard-mean_difference", "prior": "fix
 SADI_VARIANTS = {f"sadi-{site}-{where}": (site, where) for site in sadi.SITES for where in sadi.POSITIONS}
 COMPARED_METHODS = ("prompting", *VECTOR_METHODS, "ours", *SADI_VARIANTS)
 OURS_CANDIDATES = ("all", "top-25%", "top-50%")  # block sets of notebook 03 that `ours` may use
-ENTRY_LABEL = "setting"  # the label column of cached grids (as `steering.generate_grid` names it)
 
 
 def ours_block_set(
@@ -89,7 +88,7 @@ def _rows(concept_class: str, concept: str, label: str, coefficients, questions,
         {
             "concept_class": concept_class,
             "concept": concept,
-            ENTRY_LABEL: label,
+            steering.GRID_LABEL: label,
             "coefficient": [c for c, _ in rows],
             "question_id": [q for _, q in rows],
             "question": [questions[q] for _, q in rows],
@@ -231,7 +230,7 @@ def run_sadi(
         ]
         return (pd.concat(variant_grids, ignore_index=True),)
 
-    return pipeline.for_each_concept(sample, concept_grids, "SADI")[0].rename(columns={ENTRY_LABEL: "variant"})
+    return pipeline.for_each_concept(sample, concept_grids, "SADI")[0].rename(columns={steering.GRID_LABEL: "variant"})
 
 
 def best_sadi_grids(
@@ -282,7 +281,9 @@ def baseline_generations(
         ours, _ = layers.run_concept(context, concept_class, concept, protocol=protocol)
         ours = ours[ours.block_set == block_set]
         ours.insert(2, "method", "ours")
-        return (pd.concat([prompting.rename(columns={ENTRY_LABEL: "method"}), vectors, ours], ignore_index=True),)
+        return (
+            pd.concat([prompting.rename(columns={steering.GRID_LABEL: "method"}), vectors, ours], ignore_index=True),
+        )
 
     methods = pipeline.for_each_concept(sample, concept_methods, "baselines")[0]
     sadi_table = run_sadi(context, sample, sadi_grids).rename(columns={"variant": "method"})

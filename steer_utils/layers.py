@@ -208,16 +208,17 @@ def run_concept(
         )
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
-        grid.insert(3, "block_set", grid.setting.str.replace(evaluation.DRAW_SUFFIX, "", regex=True))
-        grid.insert(4, "n_steered", grid.setting.map(lambda s: len(sets[s])))
-        grid.insert(6, "eps", grid.coefficient * grid.setting.map(scales))
-        grid["blocks"] = grid.setting.map(lambda s: " ".join(map(str, sets[s])))
+        drawn = grid[steering.GRID_LABEL]  # each row's block set, with its draw suffix
+        grid.insert(3, "block_set", drawn.str.replace(evaluation.DRAW_SUFFIX, "", regex=True))
+        grid.insert(4, "n_steered", drawn.map(lambda s: len(sets[s])))
+        grid.insert(6, "eps", grid.coefficient * drawn.map(scales))
+        grid["blocks"] = drawn.map(lambda s: " ".join(map(str, sets[s])))
         atomic_write(enrich_path, lambda tmp: table.to_csv(tmp, index=False))
         atomic_write(gen_path, lambda tmp: grid.to_csv(tmp, index=False))  # last: marks it done
-    # The entry keeps the grid's own labels (`setting` = the drawn set's name, `block_set` = without the draw); the
+    # The entry keeps the grid's own labels (GRID_LABEL = the drawn set's name, `block_set` = without the draw); the
     # table names the set `block_set` and gives `setting` its one meaning, the vector's setting.
     entry = pd.read_csv(gen_path, keep_default_na=False)
-    generations = entry.drop(columns="block_set").rename(columns={"setting": "block_set"})
+    generations = entry.drop(columns="block_set").rename(columns={steering.GRID_LABEL: "block_set"})
     generations.insert(3, "setting", setting)
     return generations, pd.read_csv(enrich_path)
 

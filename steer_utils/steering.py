@@ -367,6 +367,9 @@ def generate_reference(
     ]
 
 
+GRID_LABEL = "setting"  # the column of `generate_grid` (and of every cached grid) that names each row's arm
+
+
 def grid_rows(
     vectors: dict[str, ConceptVector],
     coefficients: Sequence[float],
@@ -413,7 +416,7 @@ def generate_grid(
     )
     return pd.DataFrame(
         {
-            "setting": [s for s, _, _ in rows],
+            GRID_LABEL: [s for s, _, _ in rows],
             "coefficient": [c for _, c, _ in rows],
             "question_id": [q for _, _, q in rows],
             "question": [questions[q] for _, _, q in rows],

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import baselines, data, evaluation, models, paths, pipeline, profiles, scaling, vectors
+from steer_utils import baselines, data, evaluation, models, paths, pipeline, profiles, scaling, steering, vectors
 
 
 def test_tuning_concepts_are_disjoint_from_the_reported_ones():
@@ -81,7 +81,7 @@ def test_prompting_and_sadi_grids_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     model, tokenizer, _ = tiny
     questions = ["What do you see?", "Where are you?"]
     prompted = baselines.prompting_grid(model, tokenizer, "moods", "Cheerful", questions, max_new_tokens=3)
-    assert list(prompted[baselines.ENTRY_LABEL].unique()) == ["prompting"] and prompted.coefficient.eq(0).all()
+    assert list(prompted[steering.GRID_LABEL].unique()) == ["prompting"] and prompted.coefficient.eq(0).all()
     assert prompted.question.tolist() == questions  # the judge sees the question, not the prefix
     points = [(1, 5.0), (2, 20.0)]
     statements = ["The sea is calm.", "Cats sleep a lot."]
@@ -234,8 +234,6 @@ def test_baseline_methods_reuse_pipeline_settings():
 
 
 def test_responses_with_carriage_returns_survive_a_csv_round_trip(tmp_path):
-    from steer_utils import steering
-
     response = steering.clean_response(" a\rb\r\nc\nUser: next turn")
     assert response == "a\nb\nc"
     table = pd.DataFrame({"concept_class": ["moods"], "response": [response]})
