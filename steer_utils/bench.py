@@ -17,7 +17,10 @@ Measured in one run:
 - wall time of each notebook of the last `make all` (read from runs/<model>/*.ipynb) and a projection of
   notebook 01 on the `full` profile (492 concepts: all but the development split; all statements, five questions);
 - bf16 against fp32 (speed of extraction and generation; identical responses, equal judge scores and the
-  steerability difference on a concept sample), where the CPU has native bf16 or on a GPU; skipped otherwise.
+  steerability difference on a concept sample), where the CPU has native bf16 or on a GPU; skipped otherwise;
+- the judges (`bench_judges`, alone with `--only-judge`): responses/s of the embedding judge and of the LLM judge
+  (batch 1 and 8, instruction prefix shared or not, fp32 and, with native bf16, bf16) on stored responses, the share
+  of stored responses its gate lets through, and the projected LLM-judge time of re-judging every stored response.
 
 Every model is loaded in fp32 on CPU (`dtype="auto"`), bf16 only in the bf16 section.
 """
@@ -44,6 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import data, extraction, judge, layers, models, pipeline, plots, steering, vectors
 from .cache import cache_dir, write_csv
 from .extraction import extract, extract_reference, find_blocks
+from .judge_validation import stored_generations
+from .llm_judge import JUDGE_MODEL, Calibration, gate_mask
 from .paths import FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
 from .protocol import ADOPTED
 
@@ -592,6 +597,34 @@ def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new
         )
 
 
+def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
+    """Responses/s of both judges on `n` stored responses of one class (seeded), and what re-judging all would cost."""
+    stored = stored_generations()
+    sample = stored[stored.concept_class == CONCEPT[0]].sample(n, random_state=seed)
+    rows = (CONCEPT[0], sample.concept.tolist(), sample.question.tolist(), sample.response.tolist())
+    embedding = judge.load_judge("embedding")
+    emb_s = _seconds(lambda: embedding.score_table(*rows), repeats=2)
+    table.add("judge", "embedding", "throughput", n / emb_s, "responses/s", f"{n} stored responses, {CONCEPT[0]}")
+    gated = float(gate_mask(judge.score_generations(embedding, stored.sample(2000, random_state=seed))).mean())
+    table.add("judge", JUDGE_MODEL, "gate passes", 100 * gated, "%", "of 2000 stored responses (coherent, answers)")
+    dtypes = ["float32"] + (["bfloat16"] if models.cpu_has_fast_bf16() else [])
+    per_response = {}
+    for dtype in dtypes:
+        grader = judge.load_judge("llm", dtype=dtype, calibration=Calibration())
+        grader.p_yes(*rows[:1], *[r[:2] for r in rows[1:]])  # warm-up, and the class's prefix
+        for batch, shared in ((8, True), (8, False), (1, True)):
+            grader.batch_size = batch
+            seconds = _seconds(lambda: grader.p_yes(*rows, share_prefix=shared))
+            per_response[(dtype, batch, shared)] = seconds / n
+            note = f"{dtype}, batch {batch}, prefix {'shared' if shared else 'recomputed'}; {n} responses"
+            table.add("judge", JUDGE_MODEL, "throughput", n / seconds, "responses/s", note)
+    best = min(per_response.values())
+    hours = len(stored) * gated * best / 3600
+    table.add(
+        "judge", JUDGE_MODEL, "re-judge stored", hours, "h", f"{len(stored)} unique stored responses, gated, fastest"
+    )
+
+
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
     """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5
     questions, under the adopted protocol. A fit above the RFM's example cap costs what the measured capped fit did."""
@@ -645,6 +678,7 @@ def run(
         notebook_times(table, name)
         del model
         bench_bf16(table, name, grader, device, bf16_concepts_per_class)
+    bench_judges(table)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
     native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing
@@ -718,7 +752,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-statements", type=int, default=32, help="statements in the reference comparison")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
     parser.add_argument("--bf16-concepts", type=int, default=1, help="concepts per class in the bf16 agreement check")
+    parser.add_argument("--only-judge", action="store_true", help="only the judges' section -> results/bench_judge.csv")
     args = parser.parse_args(argv)
+    if args.only_judge:
+        table = Table()
+        bench_judges(table)
+        table.add(
+            "machine", "cpu", "threads", torch.get_num_threads(), "", f"{models.cpu_name()}, torch {torch.__version__}"
+        )
+        write_csv(table.frame(), RESULTS_DIR / "bench_judge.csv")
+        print(table.frame().to_string(index=False))
+        return
     frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss, args.bf16_concepts)
     write_csv(frame, RESULTS_DIR / "bench.csv")
     plots.save_figure(plot(frame), FIGURES_DIR, "bench")

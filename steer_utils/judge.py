@@ -18,15 +18,17 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .data import check_class, concept_text, load_concepts
-from .paths import JUDGE_CASES_FILE
+from .llm_judge import JUDGE_MODEL, Calibration, LLMJudge
+from .paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE
 
-JUDGES = ("embedding", "openai")
+JUDGES = ("embedding", "llm", "openai")
 # One short description per concept, embedded once per class and cached in the judge.
 CONCEPT_TEMPLATES = {
     "fears": "being terrified of {c}",
@@ -342,10 +344,26 @@ class OpenAIJudge:
         return self.score_table(concept_class, concepts, questions, responses)["score"].to_numpy().astype(int)
 
 
-def load_judge(name: str = "embedding", **kwargs) -> EmbeddingJudge | OpenAIJudge:
-    """A judge by name: 'embedding' (offline, default) or 'openai' (model=, base_url=, api_key=)."""
+def load_judge(name: str = "embedding", **kwargs):
+    """A judge by name: 'embedding' (offline), 'llm' (offline, model= a bundled name, HF id, folder or .gguf; the
+    bundled Qwen2.5-Coder-1.5B by default, with the verdict rule chosen on dev halves) or 'openai' (model=,
+    base_url=, api_key=)."""
     if name == "embedding":
         return EmbeddingJudge(**kwargs)
+    if name == "llm":
+        model = kwargs.pop("model", JUDGE_MODEL)
+        saved = Calibration.load(JUDGE_CALIBRATION_FILE) if JUDGE_CALIBRATION_FILE.is_file() else None
+        fitted = saved is not None and saved.fits(model)
+        uncalibrated = "calibration" not in kwargs and not fitted
+        kwargs.setdefault("calibration", saved if fitted else Calibration())
+        grader = LLMJudge(model, EmbeddingJudge(), **kwargs)
+        if uncalibrated:
+            warnings.warn(
+                f"No calibration was chosen for judge model '{model}' under this prompt: its verdict is "
+                f"P(yes) > 0.5. Validate it first (steer_utils.judge_validation) or pass calibration=.",
+                stacklevel=2,
+            )
+        return grader
     if name == "openai":
         return OpenAIJudge(**kwargs)
     raise ValueError(f"Unknown judge '{name}'; use one of: {', '.join(JUDGES)}.")

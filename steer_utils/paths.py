@@ -16,6 +16,7 @@ CONCEPTS_DIR = DATA_DIR / "concepts"
 STATEMENTS_FILE = DATA_DIR / "statements.txt"
 QUESTIONS_FILE = DATA_DIR / "questions.yaml"
 JUDGE_CASES_FILE = DATA_DIR / "judge_cases.jsonl"  # hand-labelled responses: the judge's validation set
+JUDGE_CALIBRATION_FILE = DATA_DIR / "judge_calibration.json"  # the LLM judge's verdict rule, chosen on dev halves
 NOTEBOOKS_DIR = ROOT / "notebooks"
 
 RESULTS_DIR = Path(os.environ.get("STEER_RESULTS_DIR", ROOT / "results"))

@@ -266,6 +266,16 @@ class ConceptVector:
         directions = {int(k.split(".")[1]): v for k, v in load_file(path).items()}
         return cls(dict(sorted(directions.items())), norms, metadata)
 
+    def random_like(self, seed: int) -> "ConceptVector":
+        """The negative control: a seeded random unit direction per block, with this vector's blocks and norms, so
+        it steers exactly as hard as the concept vector at every coefficient but towards no concept."""
+        generator = torch.Generator().manual_seed(seed)
+        directions = {}
+        for block, direction in self.directions.items():
+            draw = torch.randn(direction.shape, generator=generator, dtype=torch.float32)
+            directions[block] = (draw / draw.norm()).to(direction.dtype)
+        return ConceptVector(directions, dict(self.norms), dict(self.metadata, control=f"random-direction seed {seed}"))
+
     @contextmanager
     def apply(
         self, model, coefficient: float, blocks: list[int] | None = None, positions: str = "all"

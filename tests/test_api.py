@@ -148,6 +148,18 @@ def test_a_saved_vector_steers_the_same(tiny, api_vector, tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_random_control_keeps_blocks_and_norms_with_seeded_unit_directions(api_vector):
+    control = api_vector.random_like(seed=3)
+    assert control.norms == api_vector.norms and sorted(control.directions) == sorted(api_vector.directions)
+    for block, direction in control.directions.items():
+        assert torch.linalg.vector_norm(direction).item() == pytest.approx(1.0, abs=1e-5)
+        assert abs(torch.dot(direction.float(), api_vector.directions[block].float()).item()) < 0.9
+    again, other = api_vector.random_like(seed=3), api_vector.random_like(seed=4)
+    assert all(torch.equal(again.directions[b], d) for b, d in control.directions.items())
+    assert not all(torch.equal(other.directions[b], d) for b, d in control.directions.items())
+    assert control.metadata["control"] == "random-direction seed 3"
+
+
 @pytest.mark.parametrize("coefficient", [float("nan"), float("inf"), "0.1", None])
 def test_apply_rejects_a_bad_coefficient(tiny, api_vector, coefficient):
     with pytest.raises(ValueError, match="finite number"):

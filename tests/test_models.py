@@ -20,7 +20,8 @@ def test_cuda_without_gpu_is_a_clear_error():
 
 
 def test_unknown_model_lists_bundled_names():
-    with pytest.raises(FileNotFoundError, match="not a bundled name \\(smollm2-135m, gemma3-270m\\).*huggingface-cli"):
+    names = ", ".join(models.BUNDLED).replace(".", "\\.")
+    with pytest.raises(FileNotFoundError, match=f"not a bundled name \\({names}\\).*huggingface-cli"):
         models.load_model("no-such-org/no-such-model")
 
 
@@ -50,7 +51,8 @@ def test_local_tiny_model_gets_the_plain_template(tiny_model_dir):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "name,n_blocks,hidden,template", [("smollm2-135m", 30, 576, "native"), ("gemma3-270m", 18, 640, "plain")]
+    "name,n_blocks,hidden,template",
+    [("smollm2-135m", 30, 576, "native"), ("gemma3-270m", 18, 640, "plain"), ("qwen2.5-coder-0.5b", 24, 896, "native")],
 )
 def test_bundled_model_loads_and_generates(name, n_blocks, hidden, template):
     model, tokenizer, info = models.load_model(name)

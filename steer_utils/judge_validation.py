@@ -1,0 +1,272 @@
+"""Validate the LLM judge against the hand labels and choose its calibration on the dev halves only.
+
+    python -m steer_utils.judge_validation      # (make judge) P(yes) for every case (cached), the choice, the tables
+
+Every case of data/judge_cases.jsonl gets both judges' columns (`LLMJudge.score_table` with no calibration: P(yes)
+for all). The candidate calibrations (a threshold on P(yes); the same behind the embedding judge's coherence gate; a
+logistic model over P(yes), relevance, rank and coherence, with and without the gate) are fitted on the dev halves,
+and the one with the highest dev kappa is written to data/judge_calibration.json. Only then are the test halves
+read: results/judge/validation.csv (per round, source, split and class, both judges) and docs/judge.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import api
+from .cache import write_csv
+from .data import development_concepts, load_questions
+from .judge import agreement, judge_cases, load_cases, load_judge, score_generations
+from .llm_judge import JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
+from .paths import JUDGE_CALIBRATION_FILE, RESULTS_DIR, ROOT
+
+
+def metrics(labels, predictions) -> dict:
+    """n, accuracy, Cohen's kappa, precision and recall of 0/1 predictions against 0/1 labels."""
+    y, p = np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)
+    positives, on = p == 1, y == 1
+    return {
+        **agreement(y, p),
+        "precision": float(y[positives].mean()) if positives.any() else float("nan"),
+        "recall": float(p[on].mean()) if on.any() else float("nan"),
+    }
+
+
+def best_threshold(probability: np.ndarray, labels, passed: np.ndarray) -> tuple[float, float]:
+    """(threshold, kappa): the cut on `probability` (among rows that `passed`) with the highest kappa."""
+    cuts = np.unique(np.concatenate([[0.0], probability[passed]]))
+    scored = [(agreement(labels, passed & (probability > t))["kappa"], -t) for t in cuts]
+    kappa, neg_t = max(scored)
+    return float(-neg_t), float(kappa)
+
+
+def candidates(dev: pd.DataFrame) -> list[tuple[str, Calibration, float]]:
+    """(name, calibration, dev kappa) for every candidate, each fitted on `dev` alone."""
+    out = []
+    for gate in (False, True):
+        base = Calibration(gate=gate)
+        passed = gate_mask(dev) if gate else np.ones(len(dev), dtype=bool)
+        threshold, kappa = best_threshold(base.probability(dev), dev.label, passed)
+        out.append((f"P(yes){' + gate' if gate else ''}", replace(base, threshold=threshold), kappa))
+        fitted = Calibration(gate=gate, weights=fit_logistic(dev[passed], dev.label[passed]))
+        threshold, kappa = best_threshold(fitted.probability(dev), dev.label, passed)
+        out.append((f"logistic{' + gate' if gate else ''}", replace(fitted, threshold=threshold), kappa))
+    return out
+
+
+def choose(judged: pd.DataFrame) -> tuple[Calibration, pd.DataFrame]:
+    """The candidate with the highest kappa on the pooled dev halves, and a table of every candidate's dev kappa."""
+    dev = judged[judged.split == "dev"].reset_index(drop=True)
+    found = candidates(dev)
+    table = pd.DataFrame([{"calibration": n, "dev_kappa": k, "threshold": c.threshold} for n, c, k in found])
+    name, best, kappa = max(found, key=lambda f: f[2])
+    chosen_on = f"{name}: highest kappa ({kappa:.3f}) on the {len(dev)} dev-half cases of {JUDGE_MODEL}'s P(yes)"
+    return replace(best, chosen_on=chosen_on, model=JUDGE_MODEL, prompt_version=PROMPT_VERSION), table
+
+
+def validation_rows(judged: pd.DataFrame) -> pd.DataFrame:
+    """Both judges against the labels per (round, source, split), per class on the test halves, and pooled."""
+    groups = {("round", "source", "split"): judged}
+    test = judged[judged.split == "test"]
+    groups[("source", "concept_class")] = test.assign(split="test")
+    real = test[test.source == "generated"]
+    rows = []
+    for keys, frame in groups.items():
+        for values, part in frame.groupby(list(keys)):
+            for judge_name, column in (("embedding", "embedding_score"), ("llm", "score")):
+                rows.append({**dict(zip(keys, values)), "judge": judge_name, **metrics(part.label, part[column])})
+    for judge_name, column in (("embedding", "embedding_score"), ("llm", "score")):
+        rows.append({"round": "1-3", "source": "generated", "split": "test", "judge": judge_name,
+                     **metrics(real.label, real[column])})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def stored_generations(results: Path = RESULTS_DIR) -> pd.DataFrame:
+    """Every committed steered response (results/<model>/[<variant>/]0*_generations.csv): model, notebook, class,
+    concept, question, response and the embedding judge's stored verdict (`embedding_score`); one row per (concept,
+    question, response), at most 60 words (the rubric's span)."""
+    parts = []
+    for path in sorted(results.glob("*/0*_generations.csv")) + sorted(results.glob("*/*/0*_generations.csv")):
+        model = path.relative_to(results).parts[0]
+        frame = pd.read_csv(path, usecols=["concept_class", "concept", "question", "response", "score"])
+        frame = frame.rename(columns={"score": "embedding_score"}).fillna({"response": ""})
+        parts.append(frame.assign(model=model, notebook=path.name[:2]))
+    stored = pd.concat(parts, ignore_index=True).drop_duplicates(["concept", "question", "response"])
+    return stored[stored.response.str.split().str.len().between(1, 60)].reset_index(drop=True)
+
+
+def steered_answers(
+    model_name: str, coefficients: tuple[float, ...], n_questions: int, max_new_tokens: int = 50
+) -> pd.DataFrame:
+    """Answers of `model_name` steered through the public API (`train_concept_vector`, `apply`, `generate`) towards
+    the first development concept of each class, for its first `n_questions` questions at each coefficient."""
+    model, tokenizer, _ = api.load_model(model_name)
+    rows = []
+    for concept in tqdm(development_concepts(1).itertuples(), total=5, desc=f"steering {model_name}"):
+        vector = api.train_concept_vector(model, tokenizer, f"{concept.concept_class}/{concept.concept}")
+        for question in load_questions()[concept.concept_class][:n_questions]:
+            for c in coefficients:
+                with vector.apply(model, c):
+                    answer = api.generate(model, tokenizer, question, max_new_tokens=max_new_tokens)
+                rows.append(dict(concept._asdict(), question=question, coefficient=c, response=answer.strip()))
+    return pd.DataFrame(rows)[["concept_class", "concept", "question", "coefficient", "response"]]
+
+
+def draw_round(pool: pd.DataFrame, per_cell: int, seed: int) -> pd.DataFrame:
+    """A seeded draw of `per_cell` rows per (class, embedding verdict, LLM verdict), short cells topped up from the
+    rest of their class, shuffled; `pool` has both judges' `embedding_score` and `score` and no labelled response."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for _, cell in pool.groupby(["concept_class", "embedding_score", "score"]):
+        picked += list(rng.choice(cell.index.to_numpy(), size=min(per_cell, len(cell)), replace=False))
+    for concept_class, rows in pool.groupby("concept_class"):
+        short = per_cell * 4 - len(set(picked) & set(rows.index))
+        rest = rows.index.difference(picked).to_numpy()
+        if short > 0 and len(rest):
+            picked += list(rng.choice(rest, size=min(short, len(rest)), replace=False))
+    return pool.loc[rng.permutation(picked)].reset_index(drop=True)
+
+
+def split_of(response: str) -> str:
+    """A labelled response's half, from a hash of its text: `dev` (choices may be made on it) or `test`."""
+    return "dev" if hashlib.sha256(response.encode()).digest()[0] % 2 == 0 else "test"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A pipe table of `frame` (numbers to 2 decimals)."""
+    cells = frame.map(lambda v: f"{v:.2f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells.to_numpy()])
+
+
+def side_by_side(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per `keys`: n, then kappa / precision / recall of the embedding judge and of the LLM judge."""
+    wide = rows.pivot_table(index=keys, columns="judge", values=["kappa", "precision", "recall"], aggfunc="first")
+    wide.columns = [f"{judge} {metric}" for metric, judge in wide.columns]
+    n = rows[rows.judge == "llm"].set_index(keys).n
+    order = [f"{j} {m}" for j in ("embedding", "llm") for m in ("kappa", "precision", "recall")]
+    return wide[order].join(n).reset_index()[keys + ["n"] + order]
+
+
+def write_docs(rows: pd.DataFrame, choices: pd.DataFrame, calibration: Calibration) -> str:
+    """docs/judge.md from the validation tables (generated: edit this function, not the file)."""
+    rounds = rows[rows.concept_class.isna()] if "concept_class" in rows else rows
+    by_round = side_by_side(rounds[rounds.split == "test"].astype({"round": str}), ["round", "source"])
+    by_class = side_by_side(rows[rows.concept_class.notna()], ["source", "concept_class"])
+    text = f"""# The judge
+
+<!-- Generated by `python -m steer_utils.judge_validation` (make judge); edit that module, not this file. -->
+
+The paper's judge is GPT-4o; ours is offline. Two judges share one API (`steer_utils.judge.load_judge`):
+
+- **`embedding`**: all-MiniLM-L6-v2 sentence embeddings. The intended concept is ranked among all concepts of its
+  class by similarity to the response, above a relevance floor, and the text must pass coherence (repetition,
+  distinct words, gibberish) and non-answer checks. Each part is a column (`relevance`, `concept_rank`,
+  `coherence`, `reason`).
+- **`llm`**: `load_judge("llm", model=...)` over any causal LM (a bundled name, a Hugging Face id, a local folder or
+  a `.gguf`), by default the bundled Qwen2.5-Coder-1.5B-Instruct. It is asked, under a rubric written per concept
+  class (`steer_utils.llm_judge.CLASS_RUBRICS`), whether the answer takes on the concept; the verdict is read from
+  the next-token probability of "Yes" against "No" (`p_yes`), greedy and deterministic. The instructions are one
+  token prefix per class, computed once and shared by every response of the class; responses are batched. The
+  embedding judge's columns stay in its table (`embedding_score` keeps that judge's verdict).
+
+## How its verdict was chosen (dev halves only)
+
+Every hand-labelled case in `data/judge_cases.jsonl` carries a `split`: dev or test. The candidates below were each
+fitted on the dev halves alone (thresholds chosen for the highest
+Cohen's kappa; the logistic model over logit P(yes), relevance, log rank and coherence fitted on dev labels), and the
+one with the highest dev kappa became the default (`data/judge_calibration.json`):
+
+{_markdown(choices)}
+
+Chosen: **{calibration.chosen_on}** (threshold {calibration.threshold:.3f}, gate {"on" if calibration.gate else "off"}).
+
+## Held-out agreement with people (test halves)
+
+Rounds 1-3 of generated responses were labelled by hand with the rubric (on the specific concept, answers the
+question, coherent; a sentence looped three times or more is 0); round 1's written cases were written to test the
+judge (paraphrases as hard positives; other concepts, antonyms, generic answers, loops, gibberish with the concept
+word and refusals as hard negatives). Targets on the real rounds: kappa ≥ 0.7, precision ≥ 0.8, recall ≥ 0.6.
+
+{_markdown(by_round)}
+
+By class, test halves:
+
+{_markdown(by_class)}
+
+`results/judge/validation.csv` holds every row (accuracy included), dev halves too.
+"""
+    (ROOT / "docs" / "judge.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def validate(dtype: str = "auto") -> int:
+    """Judge every case, choose the calibration on the dev halves, write the tables and docs/judge.md."""
+    judge = load_judge("llm", calibration=Calibration(), dtype=dtype)  # no gate: P(yes) for every case
+    judged = judge_cases(judge, load_cases())
+    calibration, choices = choose(judged)
+    calibration.save(JUDGE_CALIBRATION_FILE)
+    judged["score"] = calibration.verdict(judged)
+    rows = validation_rows(judged)
+    write_csv(rows, RESULTS_DIR / "judge" / "validation.csv")
+    write_docs(rows, choices, calibration)
+    print(side_by_side(rows[(rows.split == "test") & rows.concept_class.isna()].astype({"round": str}), ["round"]))
+    return 0
+
+
+def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: Path, steered_model: str = "") -> int:
+    """Draw a labelling round from the stored generations: a seeded pool per (model, class, embedding verdict),
+    judged by the default LLM judge, then `draw_round`. Writes `out` (the blind sheet: id, class, concept, question,
+    response) and `out` with `.key.csv` (each id's model, notebook and both verdicts), kept apart while labelling.
+    With `steered_model`, that model's `steered_answers` join the sheet."""
+    labelled = set(load_cases().response)
+    stored = stored_generations()
+    stored = stored[~stored.response.isin(labelled)]
+    rng = np.random.default_rng(seed)
+    pool = pd.concat(
+        [
+            cell.loc[rng.choice(cell.index.to_numpy(), size=min(pool_per_cell, len(cell)), replace=False)]
+            for _, cell in stored.groupby(["model", "concept_class", "embedding_score"])
+        ]
+    )
+    judge = load_judge("llm")
+    pool = score_generations(judge, pool.drop(columns="embedding_score").reset_index(drop=True))
+    drawn = draw_round(pool, per_cell, seed)
+    if steered_model:  # coherent text: every answer of a steered instruct model on development concepts
+        answers = steered_answers(steered_model, (0.025, 0.05), n_questions=5)
+        answers = score_generations(judge, answers.assign(model=steered_model, notebook="api"))
+        drawn = pd.concat([drawn, answers[answers.response.str.split().str.len() <= 60]])
+    sheet = drawn.sample(frac=1, random_state=seed).assign(id=[f"r{round_}-{i:03d}" for i in range(len(drawn))])
+    write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
+    key = sheet[["id", "model", "notebook", "embedding_score", "p_yes", "score"]]
+    write_csv(key, out.with_suffix(".key.csv"))
+    print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`validate` (the default) or `draw` a blind labelling sheet."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw"])
+    parser.add_argument("--dtype", default="auto", help="the judge model's precision (auto: float32 on CPU)")
+    parser.add_argument("--round", type=int, default=4, help="draw: the round's number (ids r<round>-NNN)")
+    parser.add_argument("--per-cell", type=int, default=8, help="draw: responses per (class, both verdicts)")
+    parser.add_argument("--pool-per-cell", type=int, default=20, help="draw: pool per (model, class, verdict)")
+    parser.add_argument("--steered-model", default="", help="draw: add this model's steered answers (dev concepts)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("round-sheet.csv"), help="draw: the blind sheet")
+    args = parser.parse_args(argv)
+    if args.command == "draw":
+        return draw_sheet(args.round, args.per_cell, args.pool_per_cell, args.seed, args.out, args.steered_model)
+    return validate(args.dtype)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
