@@ -1,6 +1,8 @@
 """Validate the LLM judge against the hand labels and choose its calibration on the dev halves only.
 
     python -m steer_utils.judge_validation      # (make judge) P(yes) for every case (cached), the choice, the tables
+    python -m steer_utils.judge_validation draw --round 4 --out sheet.csv [--steered-model qwen2.5-coder-0.5b]
+    python -m steer_utils.judge_validation add --round 4 --out sheet.csv --labels labels.csv
 
 Every case of data/judge_cases.jsonl gets both judges' columns (`LLMJudge.score_table` with no calibration: P(yes)
 for all). The candidate calibrations (a threshold on P(yes); the same behind the embedding judge's coherence gate; a
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,11 +24,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import api
-from .cache import write_csv
+from .cache import atomic_write, write_csv
 from .data import development_concepts, load_questions
 from .judge import agreement, judge_cases, load_cases, load_judge, score_generations
 from .llm_judge import JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
-from .paths import JUDGE_CALIBRATION_FILE, RESULTS_DIR, ROOT
+from .paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT
 
 
 def metrics(labels, predictions) -> dict:
@@ -137,6 +140,39 @@ def draw_round(pool: pd.DataFrame, per_cell: int, seed: int) -> pd.DataFrame:
 def split_of(response: str) -> str:
     """A labelled response's half, from a hash of its text: `dev` (choices may be made on it) or `test`."""
     return "dev" if hashlib.sha256(response.encode()).digest()[0] % 2 == 0 else "test"
+
+
+def add_round(sheet: Path, labels: Path, round_: int, cases_file: Path = JUDGE_CASES_FILE) -> int:
+    """Append a labelled sheet to the cases file: its rows with the person's `label`, `kind` and `language`, the
+    drawn response's `model`, source `generated`, `round_`, and the half `split_of` its text. Returns rows added."""
+    drawn = pd.read_csv(sheet, keep_default_na=False).merge(pd.read_csv(labels, keep_default_na=False), on="id")
+    key = pd.read_csv(sheet.with_suffix(".key.csv"), keep_default_na=False)[["id", "model"]]
+    drawn = drawn.merge(key, on="id")
+    known = load_cases(cases_file)
+    if set(drawn.response) & set(known.response) or len(drawn) != len(pd.read_csv(sheet)):
+        raise ValueError(f"{labels} must label every row of {sheet} once, and none of them may be labelled already.")
+    lines = [
+        json.dumps(
+            {
+                "concept_class": row.concept_class,
+                "concept": row.concept,
+                "question": row.question,
+                "response": row.response,
+                "label": int(row.label),
+                "kind": row.kind,
+                "split": split_of(row.response),
+                "source": "generated",
+                "round": round_,
+                "model": row.model,
+                "language": row.language,
+            },
+            ensure_ascii=False,
+        )
+        for row in drawn.itertuples()
+    ]
+    text = Path(cases_file).read_text(encoding="utf-8") + "\n".join(lines) + "\n"
+    atomic_write(Path(cases_file), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return len(lines)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -252,17 +288,21 @@ def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`validate` (the default) or `draw` a blind labelling sheet."""
+    """`validate` (the default), `draw` a blind labelling sheet, or `add` its labels to the cases."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw"])
+    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw", "add"])
     parser.add_argument("--dtype", default="auto", help="the judge model's precision (auto: float32 on CPU)")
     parser.add_argument("--round", type=int, default=4, help="draw: the round's number (ids r<round>-NNN)")
     parser.add_argument("--per-cell", type=int, default=8, help="draw: responses per (class, both verdicts)")
     parser.add_argument("--pool-per-cell", type=int, default=20, help="draw: pool per (model, class, verdict)")
     parser.add_argument("--steered-model", default="", help="draw: add this model's steered answers (dev concepts)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("round-sheet.csv"), help="draw: the blind sheet")
+    parser.add_argument("--out", type=Path, default=Path("round-sheet.csv"), help="draw/add: the blind sheet")
+    parser.add_argument("--labels", type=Path, help="add: the person's labels of --out (id,label,kind,language)")
     args = parser.parse_args(argv)
+    if args.command == "add":
+        print(f"added {add_round(args.out, args.labels, args.round)} cases to {JUDGE_CASES_FILE.name}")
+        return 0
     if args.command == "draw":
         return draw_sheet(args.round, args.per_cell, args.pool_per_cell, args.seed, args.out, args.steered_model)
     return validate(args.dtype)

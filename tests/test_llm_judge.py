@@ -293,3 +293,27 @@ def test_a_drawn_round_is_seeded_and_stratified():
         "dev",
         "test",
     }
+
+
+def test_a_labelled_sheet_joins_the_cases_once(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(judge.JUDGE_CASES_FILE.read_text().splitlines()[0] + "\n")
+    sheet = tmp_path / "sheet.csv"
+    question = judge.load_cases().question.iloc[0]
+    pd.DataFrame(
+        {"id": ["r4-000", "r4-001"], "concept_class": "fears", "concept": "Heights", "question": question,
+         "response": ["The drop below the balcony makes me dizzy.", "Heights heights heights heights."]}
+    ).to_csv(sheet, index=False)  # fmt: skip
+    pd.DataFrame({"id": ["r4-000", "r4-001"], "model": "m", "embedding_score": 1, "p_yes": 0.5, "score": 1}).to_csv(
+        sheet.with_suffix(".key.csv"), index=False
+    )
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(
+        {"id": ["r4-001", "r4-000"], "label": [0, 1], "kind": ["repetition", "paraphrase"], "language": "en"}
+    ).to_csv(labels, index=False)
+    assert judge_validation.add_round(sheet, labels, 4, cases) == 2
+    added = judge.load_cases(cases).iloc[1:]
+    assert added.label.tolist() == [1, 0] and set(added["round"]) == {4} and set(added.model) == {"m"}
+    assert added.split.tolist() == [judge_validation.split_of(r) for r in added.response]
+    with pytest.raises(ValueError, match="none of them may be labelled already"):
+        judge_validation.add_round(sheet, labels, 4, cases)
