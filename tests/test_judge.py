@@ -142,7 +142,7 @@ def test_non_answer_patterns(text, refusal):
 
 
 def test_unknown_judge_name():
-    with pytest.raises(ValueError, match="embedding, openai"):
+    with pytest.raises(ValueError, match="embedding, llm, openai"):
         load_judge("nope")
 
 
