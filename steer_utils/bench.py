@@ -625,6 +625,25 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
     )
 
 
+def bench_judge_bf16(table: Table) -> None:
+    """bf16 against fp32 for the calibrated LLM judge on every hand-labelled case: equal verdicts, the largest P(yes)
+    difference, and each precision's kappa on the generated rounds' test halves (native bf16 only)."""
+    if not models.cpu_has_fast_bf16():
+        return
+    cases = judge.load_cases()
+    scored = {
+        dtype: judge.judge_cases(judge.load_judge("llm", dtype=dtype), cases) for dtype in ("float32", "bfloat16")
+    }
+    fp32, bf16 = scored["float32"], scored["bfloat16"]
+    note = f"{len(cases)} hand-labelled cases"
+    table.add("judge", JUDGE_MODEL, "bf16 equal verdicts", 100 * (fp32.score == bf16.score).mean(), "%", note)
+    table.add("judge", JUDGE_MODEL, "bf16 max |P(yes) change|", (fp32.p_yes - bf16.p_yes).abs().max(), "", note)
+    test = (cases.split == "test") & (cases.source == "generated")
+    for dtype, frame in scored.items():
+        kappa = judge.agreement(frame.label[test], frame.score[test])["kappa"]
+        table.add("judge", JUDGE_MODEL, f"test-half kappa, {dtype}", kappa, "", "generated rounds' test halves")
+
+
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
     """Notebook 01 on the `full` profile: every concept but the development split, all statements, 3 settings, 5
     questions, under the adopted protocol. A fit above the RFM's example cap costs what the measured capped fit did."""
@@ -679,6 +698,7 @@ def run(
         del model
         bench_bf16(table, name, grader, device, bf16_concepts_per_class)
     bench_judges(table)
+    bench_judge_bf16(table)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
     native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing

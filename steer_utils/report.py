@@ -647,10 +647,10 @@ def render(
 
 
 def results_digest(results_dir: Path | str | None = None) -> str:
-    """A short hash of every results table (`results/**/*.csv` but the machine-dependent bench.csv): names and bytes."""
+    """A short hash of every results table (`results/**/*.csv` but the machine-dependent bench*.csv): names, bytes."""
     root = Path(paths.RESULTS_DIR if results_dir is None else results_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*.csv") if p.name != "bench.csv" and "shards" not in p.parts):
+    for path in sorted(p for p in root.rglob("*.csv") if not p.name.startswith("bench") and "shards" not in p.parts):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

@@ -317,3 +317,14 @@ def test_a_labelled_sheet_joins_the_cases_once(tmp_path):
     assert added.split.tolist() == [judge_validation.split_of(r) for r in added.response]
     with pytest.raises(ValueError, match="none of them may be labelled already"):
         judge_validation.add_round(sheet, labels, 4, cases)
+
+
+def test_the_committed_calibration_fits_todays_prompt_and_beats_the_embedding_judge():
+    from steer_utils.paths import JUDGE_CALIBRATION_FILE, ROOT
+
+    calibration = Calibration.load(JUDGE_CALIBRATION_FILE)
+    assert calibration.fits(llm_judge.JUDGE_MODEL), "prompt or model changed: rerun `make judge`"
+    rows = pd.read_csv(ROOT / "results" / "judge" / "validation.csv", dtype={"round": str})
+    pooled = rows[(rows["round"] == "all") & (rows.split == "test")].set_index("judge")
+    assert pooled.kappa["llm"] > pooled.kappa["embedding"] and pooled.n["llm"] >= 200
+    assert f"kappa {pooled.kappa['llm']:.2f}" in (ROOT / "docs" / "judge.md").read_text()
