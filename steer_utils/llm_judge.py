@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .cache import cache_key, entry_path, write_csv
 from .data import check_class, concept_text
@@ -195,7 +196,6 @@ class LLMJudge:
         # `embedding`: the EmbeddingJudge whose columns (and gate) this judge's table carries.
         # `loaded` = (model, tokenizer) already in memory (tests pass a tiny random model); else load by name.
         self.model, self.tokenizer = loaded if loaded is not None else load_model(model, dtype=dtype, device=device)[:2]
-        self.name = model if loaded is None else "in-memory model"
         # P(yes) values are kept on disk per (model, precision, prompt), so a rerun or a re-judging resumes; a model
         # passed in memory has no name to key them by and is never cached.
         self.memo = None
@@ -243,8 +243,6 @@ class LLMJudge:
         self, concept_class: str, concepts, questions, responses, share_prefix: bool = True, progress: bool = False
     ) -> np.ndarray:
         """P(yes) per response, in batches of `batch_size`, sorted by length (less padding), in input order."""
-        from tqdm.auto import tqdm
-
         prompts = [self.prompt_ids(concept_class, c, q, r) for c, q, r in zip(concepts, questions, responses)]
         if not prompts:
             return np.empty(0)
@@ -257,35 +255,26 @@ class LLMJudge:
             rows = order[start : start + self.batch_size]
             batch = [cases[j] for j in rows]
             if share_prefix:
-                out[rows] = self._batch_after_prefix(prefix_ids, cache, batch)
+                out[rows] = self._batch(batch, len(prefix_ids), cache)
             else:
-                out[rows] = self._batch_full([prefix_ids + c for c in batch])
+                out[rows] = self._batch([prefix_ids + c for c in batch])
         return out
 
-    def _batch_after_prefix(self, prefix_ids: list[int], cache, batch: list[list[int]]) -> np.ndarray:
-        """Run right-padded case tokens after a copy of the class's cache, repeated to the batch size."""
+    def _batch(self, batch: list[list[int]], prefix_length: int = 0, cache=None) -> np.ndarray:
+        """P(yes) of right-padded token rows: after a copy of `cache` (the class's instructions, `prefix_length`
+        tokens, repeated to the batch size), or whole prompts with no cache (the reference path)."""
         width = max(len(c) for c in batch)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([c + [pad] * (width - len(c)) for c in batch], device=self.device)  # (b, width)
-        mask = torch.tensor([[1] * (len(prefix_ids) + len(c)) + [0] * (width - len(c)) for c in batch])
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(len(batch))
-        positions = torch.arange(len(prefix_ids), len(prefix_ids) + width, device=self.device).expand(len(batch), -1)
+        mask = [[1] * (prefix_length + len(c)) + [0] * (width - len(c)) for c in batch]  # (b, prefix + width)
+        inputs = {"input_ids": ids, "attention_mask": torch.tensor(mask, device=self.device)}
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(batch))
+            positions = torch.arange(prefix_length, prefix_length + width, device=self.device)
+            inputs |= {"past_key_values": past, "position_ids": positions.expand(len(batch), -1)}
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=ids, attention_mask=mask.to(self.device), past_key_values=past, position_ids=positions
-            ).logits  # (b, width, vocab)
-        last = torch.tensor([len(c) - 1 for c in batch], device=self.device)
-        return self._verdict_logits(logits[torch.arange(len(batch)), last])
-
-    def _batch_full(self, batch: list[list[int]]) -> np.ndarray:
-        """Run whole prompts, right-padded, with no cache (the reference path)."""
-        width = max(len(c) for c in batch)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([c + [pad] * (width - len(c)) for c in batch], device=self.device)
-        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in batch], device=self.device)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logits = self.model(**inputs).logits  # (b, width, vocab)
         last = torch.tensor([len(c) - 1 for c in batch], device=self.device)
         return self._verdict_logits(logits[torch.arange(len(batch)), last])
 
