@@ -772,14 +772,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-statements", type=int, default=32, help="statements in the reference comparison")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
     parser.add_argument("--bf16-concepts", type=int, default=1, help="concepts per class in the bf16 agreement check")
-    parser.add_argument("--only-judge", action="store_true", help="only the judges' section -> results/bench_judge.csv")
+    parser.add_argument("--only-judge", action="store_true", help="only the judges -> results/bench_judge.csv")
     args = parser.parse_args(argv)
     if args.only_judge:
         table = Table()
         bench_judges(table)
-        table.add(
-            "machine", "cpu", "threads", torch.get_num_threads(), "", f"{models.cpu_name()}, torch {torch.__version__}"
-        )
+        bench_judge_bf16(table)
+        machine = f"{models.cpu_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        table.add("machine", "cpu", "threads", torch.get_num_threads(), "", machine)
         write_csv(table.frame(), RESULTS_DIR / "bench_judge.csv")
         print(table.frame().to_string(index=False))
         return

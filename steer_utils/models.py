@@ -141,10 +141,9 @@ class ChunkedGGUF:
     def chunk_paths(self) -> list[Path]:
         """Each installed chunk file, in order; FileNotFoundError naming the first missing package."""
         found = []
-        for package in self.packages():
+        for i, package in enumerate(self.packages(), start=1):
             spec = importlib.util.find_spec(package.replace("-", "_"))
             folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-            i = int(package.rsplit("part", 1)[1])
             chunk = folder / self.chunk_file.format(i=i) if folder else None
             if chunk is None or not chunk.is_file():
                 raise FileNotFoundError(
