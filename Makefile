@@ -12,6 +12,8 @@ MODELS ?= smollm2-135m gemma3-270m
 PROFILE ?= default
 # Model precision of notebooks 01-03 and 05: auto = float32 on every CPU (the committed results), bfloat16 on CUDA.
 DTYPE ?= auto
+# The judge of notebooks 01-03, 05 and 06: llm (validated against hand labels, docs/judge.md) or embedding.
+JUDGE ?= llm
 # Steering protocol of notebooks 01-03 and 05 (empty: the one notebook 06 chose, protocol.ADOPTED; `paper`: the
 # paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/, where 04 reads them.
 PROTOCOL ?=
@@ -45,6 +47,8 @@ SHARD_GUARD = grep -qE '\bnum_shards *=' notebooks/$@.ipynb || \
 comma := ,
 # `-p dtype DTYPE` for the notebooks that load a model (those with a `dtype` parameter).
 DTYPE_ARG = $(if $(shell grep -lE '"dtype *=' notebooks/$(1).ipynb),-p dtype $(DTYPE))
+# ` -p judge_name JUDGE` for the notebooks that judge (those with a `judge_name` parameter).
+JUDGE_ARG = $(if $(shell grep -lE '"judge_name *=' notebooks/$(1).ipynb), -p judge_name $(JUDGE))
 # `-p steering_protocol PROTOCOL` for the notebooks with that parameter, when PROTOCOL is set.
 PROTOCOL_ARG = $(if $(strip $(PROTOCOL)),$(if $(shell grep -lE '"steering_protocol *=' notebooks/$(1).ipynb), -p steering_protocol '$(PROTOCOL)'))
 RUN_SUFFIX := $(if $(strip $(PROTOCOL)),-protocol-$(strip $(PROTOCOL)))
@@ -64,6 +68,10 @@ SHARD_NOTE := $(if $(SHARDED),$(comma) shard $(SHARD_INDEX) of $(NUM_SHARDS))
 # A shard needs NUM_SHARDS, and a notebook with a num_shards parameter.
 SHARD_CHECK = $(if $(SHARDED),@$(SHARD_GUARD),$(if $(filter-out 0,$(SHARD_INDEX)),$(error SHARD_INDEX=$(SHARD_INDEX) needs NUM_SHARDS too, e.g. NUM_SHARDS=4)))
 
+ifeq ($(filter $(JUDGE),llm embedding),)
+$(error JUDGE=$(JUDGE) is not a notebook judge; use llm (validated, docs/judge.md) or embedding)
+endif
+
 ifeq ($(filter $(DTYPE),auto float32 bfloat16 float16),)
 $(error DTYPE=$(DTYPE) is not a precision; use auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16)
 endif
@@ -77,7 +85,7 @@ $(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES)
 endif
 endif
 
-.PHONY: help install all judge merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
+.PHONY: help install all judge rejudge merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -104,7 +112,7 @@ $(PER_MODEL): %: $(STAMP)
 	@for m in $(MODELS); do \
 		$(SLUG); mkdir -p $(dir $(RUN_PATH)); \
 		echo "== $@ [$$m, $(PROFILE)$(SHARD_NOTE)] -> $(RUN_PATH)"; \
-		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS); \
+		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call JUDGE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS); \
 	done
 
 $(CROSS_MODEL): %: $(STAMP)
@@ -120,12 +128,15 @@ merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_select
 		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE)$(PROTOCOL_OPT); \
 		mkdir -p runs/$$slug; \
 		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb"; \
-		$(PAPERMILL) notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
+		$(PAPERMILL) notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call JUDGE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
 		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
 
 judge: $(STAMP) ## Validate the LLM judge on data/judge_cases.jsonl: calibration (dev halves), docs/judge.md (test halves)
 	$(BIN)/python -m steer_utils.judge_validation
+
+rejudge: $(STAMP) ## P(yes) of every committed response from the LLM judge, into its memo (resumable; hours on a CPU)
+	$(BIN)/python -m steer_utils.judge_validation rejudge
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
 	$(BIN)/python -m steer_utils.bench --models $(BENCH_MODELS)

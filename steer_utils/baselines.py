@@ -292,6 +292,35 @@ def baseline_generations(
     return table.sort_values("method", kind="stable").astype({"method": str}).reset_index(drop=True)  # sample order
 
 
+def with_controls(
+    context: pipeline.RunContext, generations: pd.DataFrame, protocol: Protocol = ADOPTED
+) -> pd.DataFrame:
+    """`generations` (`baseline_generations`) followed by the negative controls of ours for each of its concepts
+    (`pipeline.run_controls`: a random direction at the blocks and scale ours steered there, and the unsteered
+    answers); `method` names the control."""
+    parts = [generations]
+    for (concept_class, concept), rows in generations[generations.method == "ours"].groupby(
+        ["concept_class", "concept"], sort=False
+    ):
+        first = rows.iloc[0]
+        # `blocks` is "2 3 14" (read back as a number when one block is steered: 2, or 2.0 beside NaN rows)
+        blocks, scale = [int(float(b)) for b in str(first.blocks).split()], float(first.eps) / float(first.coefficient)
+        controls = pipeline.run_controls(
+            context, concept_class, concept, first.setting, pipeline.COEFFICIENTS, blocks, scale, protocol
+        )
+        steered = controls.setting == pipeline.CONTROL_RANDOM
+        parts.append(
+            controls.assign(
+                method=controls.setting,
+                eps=controls.coefficient * scale,
+                block_set=first.block_set,
+                n_steered=len(blocks) * steered,
+                blocks=first.blocks,
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
 def _timed(fn):
     start = time.perf_counter()
     out = fn()

@@ -354,17 +354,19 @@ def load_judge(name: str = "embedding", **kwargs) -> EmbeddingJudge | LLMJudge |
         return EmbeddingJudge(**kwargs)
     if name == "llm":
         model = kwargs.pop("model", JUDGE_MODEL)
-        saved = Calibration.load(JUDGE_CALIBRATION_FILE) if JUDGE_CALIBRATION_FILE.is_file() else None
-        fitted = saved is not None and saved.fits(model)
-        uncalibrated = "calibration" not in kwargs and not fitted
-        kwargs.setdefault("calibration", saved if fitted else Calibration())
-        grader = LLMJudge(model, EmbeddingJudge(), **kwargs)
-        if uncalibrated:
-            warnings.warn(
-                f"No calibration was chosen for judge model '{model}' under this prompt: its verdict is "
-                f"P(yes) > 0.5. Validate it first (steer_utils.judge_validation) or pass calibration=.",
-                stacklevel=2,
-            )
+        calibration = kwargs.pop("calibration", None)
+        grader = LLMJudge(model, EmbeddingJudge(), calibration, **kwargs)
+        if calibration is None:
+            saved = Calibration.load(JUDGE_CALIBRATION_FILE) if JUDGE_CALIBRATION_FILE.is_file() else None
+            if saved is not None and saved.fits(model, grader.precision):
+                grader.calibration = saved
+            else:
+                warnings.warn(
+                    f"No calibration was chosen for judge model '{model}' in {grader.precision} under this prompt: "
+                    f"its verdict is P(yes) > 0.5. Validate it first (steer_utils.judge_validation) or pass "
+                    f"calibration=.",
+                    stacklevel=2,
+                )
         return grader
     if name == "openai":
         return OpenAIJudge(**kwargs)

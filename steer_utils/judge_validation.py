@@ -3,6 +3,7 @@
     python -m steer_utils.judge_validation      # (make judge) P(yes) for every case (cached), the choice, the tables
     python -m steer_utils.judge_validation draw --round 4 --out sheet.csv [--steered-model qwen2.5-coder-0.5b]
     python -m steer_utils.judge_validation add --round 4 --out sheet.csv --labels labels.csv
+    python -m steer_utils.judge_validation rejudge  # (make rejudge) P(yes) of every stored response, resumable
 
 Every case of data/judge_cases.jsonl gets both judges' columns (`LLMJudge.score_table` with no calibration: P(yes)
 for all). The candidate calibrations (a threshold on P(yes); the same behind the embedding judge's coherence gate; a
@@ -27,7 +28,7 @@ from . import api
 from .cache import atomic_write, write_csv
 from .data import development_concepts, load_questions
 from .judge import agreement, judge_cases, load_cases, load_judge, score_generations
-from .llm_judge import JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
+from .llm_judge import JUDGE_DTYPE, JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
 from .paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT
 
 
@@ -64,14 +65,16 @@ def candidates(dev: pd.DataFrame) -> list[tuple[str, Calibration, float]]:
     return out
 
 
-def choose(judged: pd.DataFrame) -> tuple[Calibration, pd.DataFrame]:
-    """The candidate with the highest kappa on the pooled dev halves, and a table of every candidate's dev kappa."""
+def choose(judged: pd.DataFrame, dtype: str) -> tuple[Calibration, pd.DataFrame]:
+    """The candidate with the highest kappa on the pooled dev halves (P(yes) of the judge model in `dtype`), and a
+    table of every candidate's dev kappa."""
     dev = judged[judged.split == "dev"].reset_index(drop=True)
     found = candidates(dev)
     table = pd.DataFrame([{"calibration": n, "dev_kappa": k, "threshold": c.threshold} for n, c, k in found])
     name, best, kappa = max(found, key=lambda f: f[2])
     chosen_on = f"{name}: highest kappa ({kappa:.3f}) on the {len(dev)} dev-half cases of {JUDGE_MODEL}'s P(yes)"
-    return replace(best, chosen_on=chosen_on, model=JUDGE_MODEL, prompt_version=PROMPT_VERSION), table
+    chosen_on += f" ({dtype})"
+    return replace(best, chosen_on=chosen_on, model=JUDGE_MODEL, dtype=dtype, prompt_version=PROMPT_VERSION), table
 
 
 def validation_rows(judged: pd.DataFrame) -> pd.DataFrame:
@@ -91,12 +94,39 @@ def validation_rows(judged: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The order the stored generations are re-judged in: the headline notebooks first, so a partial run serves them.
+REJUDGE_ORDER = ("01", "05", "02", "03", "06")
+
+
+def generation_files(results: Path = RESULTS_DIR) -> list[Path]:
+    """Every committed generations table (results/<model>/[<variant>/]0*_generations.csv), in `REJUDGE_ORDER`,
+    the adopted protocol's before the variants'."""
+    paths = sorted(results.glob("*/0*_generations.csv")) + sorted(results.glob("*/*/0*_generations.csv"))
+    rank = {n: i for i, n in enumerate(REJUDGE_ORDER)}
+    return sorted(paths, key=lambda p: (rank.get(p.name[:2], len(rank)), len(p.parts)))
+
+
+def rejudge(results: Path = RESULTS_DIR) -> int:
+    """Fill the LLM judge's P(yes) memo for every stored response its calibration asks it about (the gate's passes),
+    file by file: nothing is regenerated, and a stopped run resumes from the memo."""
+    grader = load_judge("llm")
+    files = generation_files(results)
+    for i, path in enumerate(files, 1):
+        frame = pd.read_csv(path, keep_default_na=False)
+        shown = gate_mask(frame) if grader.calibration.gate else np.ones(len(frame), dtype=bool)
+        for concept_class, rows in frame.groupby("concept_class", sort=False):
+            asked = (rows.concept.tolist(), rows.question.tolist(), rows.response.tolist())
+            grader.cached_p_yes(concept_class, *asked, shown[rows.index.to_numpy()])
+        print(f"{i}/{len(files)} {path.relative_to(results)}: {int(shown.sum())} of {len(frame)} asked", flush=True)
+    return 0
+
+
 def stored_generations(results: Path = RESULTS_DIR) -> pd.DataFrame:
     """Every committed steered response (results/<model>/[<variant>/]0*_generations.csv): model, notebook, class,
     concept, question, response and the embedding judge's stored verdict (`embedding_score`); one row per (concept,
     response), as the cases file keys its labels, at most 60 words (the rubric's span)."""
     parts = []
-    for path in sorted(results.glob("*/0*_generations.csv")) + sorted(results.glob("*/*/0*_generations.csv")):
+    for path in generation_files(results):
         model = path.relative_to(results).parts[0]
         frame = pd.read_csv(path, usecols=["concept_class", "concept", "question", "response", "score"])
         frame = frame.rename(columns={"score": "embedding_score"}).fillna({"response": ""})
@@ -233,14 +263,17 @@ The paper's judge is GPT-4o; ours is offline. Two judges share one API (`steer_u
   the next-token probability of "Yes" against "No" (`p_yes`), deterministic. The instructions are one token prefix
   per class, computed once and shared by every response of the class; responses are batched. The embedding judge's
   columns stay in its table (`embedding_score` keeps that judge's verdict) and its coherence and non-answer checks
-  may gate the LLM (a gated-out response is 0 and never reaches the LLM).
+  may gate the LLM (a gated-out response is 0 and never reaches the LLM). The judge model runs in
+  {calibration.dtype or "its default precision"} on every device (`llm_judge.JUDGE_DTYPE`: three times fp32's
+  rate on CPUs with bf16 units, see docs/performance.md); the calibration is chosen for that precision and is keyed
+  by it, with the model and the prompt version.
 
 **Held out, on the real responses' test halves ({n_real} cases):** {_summary(rows)}. Targets: kappa ≥ 0.7,
 precision ≥ 0.8, recall ≥ 0.6.
 
 The committed steering tables in `results/` still carry the embedding judge's verdicts; until they are re-judged
-(every stored response, see `make bench`'s judge section for the cost), read them with the embedding judge's
-precision below.
+(`make rejudge` asks the LLM judge about every stored response its gate lets through, into a memo that a stopped run
+resumes from; `make bench`'s judge section gives the cost), read them with the embedding judge's precision below.
 
 ## How its verdict was chosen (dev halves only)
 
@@ -276,11 +309,11 @@ By class, test halves:
     return text
 
 
-def validate(dtype: str = "auto") -> int:
+def validate(dtype: str = JUDGE_DTYPE) -> int:
     """Judge every case, choose the calibration on the dev halves, write the tables and docs/judge.md."""
     judge = load_judge("llm", calibration=Calibration(), dtype=dtype)  # no gate: P(yes) for every case
     judged = judge_cases(judge, load_cases())
-    calibration, choices = choose(judged)
+    calibration, choices = choose(judged, judge.precision)
     calibration.save(JUDGE_CALIBRATION_FILE)
     judged["score"] = calibration.verdict(judged)
     rows = validation_rows(judged)
@@ -321,10 +354,10 @@ def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`validate` (the default), `draw` a blind labelling sheet, or `add` its labels to the cases."""
+    """`validate` (the default), `draw` a blind labelling sheet, `add` its labels to the cases, or `rejudge`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw", "add"])
-    parser.add_argument("--dtype", default="auto", help="the judge model's precision (auto: float32 on CPU)")
+    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw", "add", "rejudge"])
+    parser.add_argument("--dtype", default=JUDGE_DTYPE, help="the judge model's precision")
     parser.add_argument("--round", type=int, default=4, help="draw: the round's number (ids r<round>-NNN)")
     parser.add_argument("--per-cell", type=int, default=8, help="draw: responses per (class, both verdicts)")
     parser.add_argument("--pool-per-cell", type=int, default=20, help="draw: pool per (model, class, verdict)")
@@ -336,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "add":
         print(f"added {add_round(args.out, args.labels, args.round)} cases to {JUDGE_CASES_FILE.name}")
         return 0
+    if args.command == "rejudge":
+        return rejudge()
     if args.command == "draw":
         return draw_sheet(args.round, args.per_cell, args.pool_per_cell, args.seed, args.out, args.steered_model)
     return validate(args.dtype)

@@ -35,6 +35,10 @@ from .models import load_model
 
 PROMPT_VERSION = 1  # bump when the wording below changes: cached P(yes) values are keyed by it
 JUDGE_MODEL = "qwen2.5-coder-1.5b"  # the default judge model, the one data/judge_calibration.json was chosen for
+# The judge's precision on every device: its matmuls run at 3x fp32's rate on CPUs with bf16 units (make bench), and
+# the calibration is chosen on bf16 P(yes). Another precision needs its own calibration (`Calibration.fits`).
+JUDGE_DTYPE = "bfloat16"
+MEMO_CHUNK = 256  # responses judged between two writes of the P(yes) memo: a stop loses at most this many
 
 SYSTEM = "You are a careful, strict grader of short answers. You reply with one word: Yes or No."
 
@@ -88,12 +92,13 @@ class Calibration:
     gate: bool = False
     weights: dict[str, float] = field(default_factory=dict)  # feature -> weight; "bias" is the intercept
     chosen_on: str = "not calibrated"
-    model: str = ""  # the judge model and prompt version it was chosen for
+    model: str = ""  # the judge model, its precision and the prompt version it was chosen for
+    dtype: str = ""
     prompt_version: int = 0
 
-    def fits(self, model: str) -> bool:
-        """Whether this calibration was chosen for `model` under today's prompt."""
-        return self.model == model and self.prompt_version == PROMPT_VERSION
+    def fits(self, model: str, dtype: str) -> bool:
+        """Whether this calibration was chosen for `model` in precision `dtype` under today's prompt."""
+        return self.model == model and self.dtype == dtype and self.prompt_version == PROMPT_VERSION
 
     def probability(self, table: pd.DataFrame) -> np.ndarray:
         """The probability the threshold applies to: P(yes), or the logistic model's output over `FEATURES`."""
@@ -189,7 +194,7 @@ class LLMJudge:
         calibration: Calibration | None = None,
         batch_size: int = 8,
         max_response_tokens: int = 160,
-        dtype: str = "auto",
+        dtype: str = JUDGE_DTYPE,
         device: str = "auto",
         loaded=None,
     ):
@@ -199,9 +204,9 @@ class LLMJudge:
         # P(yes) values are kept on disk per (model, precision, prompt), so a rerun or a re-judging resumes; a model
         # passed in memory has no name to key them by and is never cached.
         self.memo = None
+        self.precision = str(self.model.dtype).removeprefix("torch.")  # e.g. 'bfloat16', as `Calibration.dtype`
         if loaded is None:
-            precision = str(self.model.dtype).removeprefix("torch.")
-            key = cache_key("judge", PROMPT_VERSION, model=model, dtype=precision, tokens=max_response_tokens)
+            key = cache_key("judge", PROMPT_VERSION, model=model, dtype=self.precision, tokens=max_response_tokens)
             self.memo = entry_path("judge", f"p-yes-{key}", ".csv")
         self.calibration = calibration or Calibration()
         self.batch_size, self.max_response_tokens = batch_size, max_response_tokens
@@ -293,24 +298,31 @@ class LLMJudge:
         return table
 
     def cached_p_yes(self, concept_class: str, concepts, questions, responses, rows: np.ndarray) -> np.ndarray:
-        """P(yes) where `rows` (bool) is True, NaN elsewhere: read from the memo file, the rest computed and added."""
+        """P(yes) where `rows` (bool) is True, NaN elsewhere: read from the memo file, the rest computed and added
+        `MEMO_CHUNK` responses at a time, so an interrupted run resumes where it stopped."""
         keys = ["concept_class", "concept", "question", "response"]
         asked = pd.DataFrame({"concept_class": concept_class, "concept": concepts, "question": questions})
         asked["response"] = ["" if r is None else str(r) for r in responses]
-        known = None
-        if self.memo and self.memo.exists():
-            known = pd.read_csv(self.memo, keep_default_na=False, dtype=dict.fromkeys(keys, str))
-        found = asked.merge(known, on=keys, how="left").p_yes.to_numpy(float) if known is not None else None
-        p = found if found is not None else np.full(len(asked), np.nan)
+        known = self.memoised()
+        p = asked.merge(known, on=keys, how="left").p_yes.to_numpy(float)
         todo = asked[rows & np.isnan(p)].drop_duplicates(keys)
-        if len(todo):
-            todo = todo.assign(
-                p_yes=self.p_yes(concept_class, todo.concept, todo.question, todo.response, progress=len(todo) > 64)
-            )
+        chunks = range(0, len(todo), MEMO_CHUNK)
+        for start in tqdm(chunks, desc=f"LLM judge ({concept_class})", disable=len(chunks) < 2, leave=False):
+            part = todo.iloc[start : start + MEMO_CHUNK]
+            part = part.assign(p_yes=self.p_yes(concept_class, part.concept, part.question, part.response))
+            known = pd.concat([known, part], ignore_index=True)
             if self.memo:
-                write_csv(pd.concat([known, todo]) if known is not None else todo, self.memo)
-            p = asked.merge(todo, on=keys, how="left").p_yes.fillna(pd.Series(p)).to_numpy(float)
+                write_csv(known, self.memo)
+        if len(todo):
+            p = asked.merge(known, on=keys, how="left").p_yes.to_numpy(float)
         return np.where(rows, p, np.nan)
+
+    def memoised(self) -> pd.DataFrame:
+        """Every P(yes) this judge (model, precision, prompt, response cut) has stored: the four keys and `p_yes`."""
+        keys = ["concept_class", "concept", "question", "response"]
+        if self.memo and self.memo.exists():
+            return pd.read_csv(self.memo, keep_default_na=False, dtype=dict.fromkeys(keys, str))
+        return pd.DataFrame({**{k: pd.Series(dtype=str) for k in keys}, "p_yes": pd.Series(dtype=float)})
 
     def score(self, concept_class: str, concepts: list[str], questions: list[str], responses: list[str]) -> np.ndarray:
         """0/1 per response (int array), as in `score_table(...)['score']`."""

@@ -30,6 +30,11 @@ PRIOR, HARD, OURS = (
     "attention-hard-rfm",
     "attention-soft-rfm",
 )  # eps relative to each block's typical hidden-state norm
+# The negative controls' setting names: a random direction with a vector's blocks and norms over the same grid, and
+# the unsteered answers (coefficient 0). Judged like any setting, they say how often the judge credits a concept
+# the model was never steered towards.
+CONTROL_RANDOM, CONTROL_UNSTEERED = "control-random", "control-unsteered"
+CONTROLS = (CONTROL_RANDOM, CONTROL_UNSTEERED)
 
 
 @dataclass(frozen=True)
@@ -315,6 +320,105 @@ def run_concept(
     grids = [pd.read_csv(gen_path[s.name], keep_default_na=False) for s in settings]
     fits = [pd.read_csv(fit_path[s.name]) for s in settings]
     return pd.concat(grids, ignore_index=True), pd.concat(fits, ignore_index=True)
+
+
+def control_seed(concept_class: str, concept: str, seed: int) -> int:
+    """The random-direction control's seed for one concept: stable across runs, different per concept."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{concept_class}/{concept}".encode()).digest()[:4], "big")
+
+
+def unsteered_answers(context: RunContext, concept_class: str, protocol: Protocol = ADOPTED) -> list[str]:
+    """The model's greedy answers to a class's questions with no steering, under the protocol's system prompt
+    (cached: every concept of the class shares them)."""
+    questions = context.questions[concept_class]
+    key = cache_key(
+        "unsteered",
+        PIPELINE_VERSION,
+        model=context.model_name,
+        dtype=str(next(context.model.parameters()).dtype),
+        questions=list(questions),
+        max_new_tokens=context.max_new_tokens,
+        system=protocol.system,
+    )
+    path = entry_path("generations", key, ".unsteered.csv", context.model_name)
+    if not path.exists():
+        answers = steering.generate(
+            context.model, context.tokenizer, questions, max_new_tokens=context.max_new_tokens, system=protocol.system
+        )
+        table = pd.DataFrame({"question": questions, "response": answers})
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+    return pd.read_csv(path, keep_default_na=False).response.tolist()
+
+
+def run_controls(
+    context: RunContext,
+    concept_class: str,
+    concept: str,
+    setting: str = OURS,
+    coefficients=COEFFICIENTS,
+    blocks=None,
+    scale: float | None = None,
+    protocol: Protocol = ADOPTED,
+) -> pd.DataFrame:
+    """Both negative controls of one concept's `setting` vector, one row per control × coefficient × question:
+    CONTROL_RANDOM, a seeded random unit direction per block with the vector's norms, steered like the vector (same
+    grid, `blocks` and `scale`, default the protocol's), and CONTROL_UNSTEERED, the unsteered answers (coefficient 0).
+    The random direction's generations are cached per concept."""
+    default_blocks, multiplier = protocol.steered_blocks(len(steering.find_blocks(context.model)))
+    blocks = default_blocks if blocks is None else [int(b) for b in blocks]
+    scale = multiplier if scale is None else float(scale)
+    key = cache_key(
+        "controls",
+        PIPELINE_VERSION,
+        setting=setting,
+        blocks=blocks,
+        scale=scale,
+        **steering_inputs(context, concept_class, concept, coefficients),
+        **protocol.key_inputs(),
+    )
+    path = entry_path("generations", key, ".control.csv", context.model_name)
+    if not path.exists():
+        acts = context.activations(concept_class, concept, protocol)
+        vector = fit_setting(acts, Setting.parse(setting), context.model_name, context.seed)[0]
+        control = vector.random_like(control_seed(concept_class, concept, context.seed))
+        grid = steering.generate_grid(
+            context.model,
+            context.tokenizer,
+            {CONTROL_RANDOM: protocol.scaled(control, default_blocks)},
+            context.questions[concept_class],
+            coefficients,
+            blocks,
+            context.max_new_tokens,
+            {CONTROL_RANDOM: scale},
+            protocol.system,
+            protocol.positions,
+        )
+        atomic_write(path, lambda tmp: grid.to_csv(tmp, index=False))
+    questions = context.questions[concept_class]
+    unsteered = pd.DataFrame(
+        {
+            steering.GRID_LABEL: CONTROL_UNSTEERED,
+            "coefficient": 0.0,
+            "question_id": range(len(questions)),
+            "question": questions,
+            "response": unsteered_answers(context, concept_class, protocol),
+        }
+    )
+    table = pd.concat([pd.read_csv(path, keep_default_na=False), unsteered], ignore_index=True)
+    table.insert(0, "concept", concept)
+    table.insert(0, "concept_class", concept_class)
+    if protocol.changes():  # as `run_concept`'s tables
+        table["protocol"] = protocol.name
+        table["eps"] = table.coefficient * scale
+    return table
+
+
+def with_controls(
+    context: RunContext, sample: pd.DataFrame, generations: pd.DataFrame, setting: str = OURS, **kwargs
+) -> pd.DataFrame:
+    """`generations` followed by `run_controls` of every concept of a sample (`setting` names the controls' vector)."""
+    controls = for_each_concept(sample, lambda c, x: (run_controls(context, c, x, setting, **kwargs),), "controls")[0]
+    return pd.concat([generations, controls], ignore_index=True)
 
 
 def run_concepts(

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from .cache import atomic_write
+from .pipeline import CONTROLS
 
 CLASS_PALETTE = dict(zip(("fears", "places", "personas", "experts", "moods"), sns.color_palette("colorblind", 5)))
 
@@ -65,17 +66,20 @@ def plot_data_overview(lengths, sample, statements) -> plt.Figure:
 
 
 def plot_steerability(table, hue_order=None, ax=None, title: str = "", compared: str = "setting") -> plt.Axes:
-    """Bars of steerability per class (and 'all') for each value of the `compared` column, with 95% bootstrap CIs."""
+    """Bars of steerability per class (and 'all') for each value of the `compared` column, with 95% bootstrap CIs;
+    the negative controls (`pipeline.CONTROLS`) in hatched grey."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
     hue_order = list(dict.fromkeys(table[compared])) if hue_order is None else hue_order
     classes = list(dict.fromkeys(table.concept_class))
     width = 0.8 / len(hue_order)
     palette = sns.color_palette("deep", len(hue_order))
+    greys = dict(zip(CONTROLS, ("0.55", "0.8")))  # the negative controls: grey, hatched
     for k, value in enumerate(hue_order):
         rows = table[table[compared] == value].set_index("concept_class").loc[classes]
         x = [i - 0.4 + width * (k + 0.5) for i in range(len(classes))]
-        ax.bar(x, rows.steerability, width, color=palette[k], label=value)
+        style = dict(color=greys[value], hatch="//", edgecolor="0.3") if value in greys else dict(color=palette[k])
+        ax.bar(x, rows.steerability, width, label=value, **style)
         _ci_bars(ax, x, rows)
     ax.set_xticks(range(len(classes)), classes)
     ax.set(ylim=(0, 1.05), xlabel="concept class", ylabel="steerability (share of concepts)", title=title)

@@ -143,6 +143,9 @@ def _optional_size(v) -> bool:
 
 # Papermill parameter -> (what it must be, the check, a correct way to pass it, the hint for a value of the wrong
 # type). `n_*` and `*_per_class` names not listed here must be a positive integer or None.
+# The judges a notebook can load by name alone (the OpenAI-compatible one needs a server: use the API for it).
+NOTEBOOK_JUDGES = ("llm", "embedding")
+
 PARAMETERS = {
     "model": (
         "a non-empty string (a bundled name, a Hugging Face id or a local path)",
@@ -154,6 +157,12 @@ PARAMETERS = {
         f"one of {', '.join(PROFILES)}",
         lambda v: isinstance(v, str) and v in PROFILES,
         "-p profile smoke",
+        "",
+    ),
+    "judge_name": (
+        f"one of {', '.join(NOTEBOOK_JUDGES)}",
+        lambda v: isinstance(v, str) and v in NOTEBOOK_JUDGES,
+        "-p judge_name llm",
         "",
     ),
     "dtype": (

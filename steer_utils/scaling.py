@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import evaluation, paths
-from .pipeline import HARD, OURS, PRIOR
+from .pipeline import CONTROLS, HARD, OURS, PRIOR
 
 
 def result_models(name: str = "01_steerability.csv", results_root: Path | None = None, variant: str = "") -> list[str]:
@@ -69,8 +69,11 @@ def model_overview(fits: pd.DataFrame, summary: pd.DataFrame, generations: pd.Da
     return pd.concat([blocks, tail, concepts], axis=1).reset_index()
 
 
-def prior_vs_ours(steerability: pd.DataFrame, settings: tuple[str, ...] = (PRIOR, HARD, OURS)) -> pd.DataFrame:
-    """Rows of notebook 01's steerability tables for the compared settings, in that order."""
+def prior_vs_ours(
+    steerability: pd.DataFrame, settings: tuple[str, ...] = (PRIOR, HARD, OURS, *CONTROLS)
+) -> pd.DataFrame:
+    """Rows of notebook 01's steerability tables for the compared settings and the negative controls, in that order
+    (a table from before the controls has none)."""
     rows = steerability[steerability.setting.isin(settings)].copy()
     rows["setting"] = pd.Categorical(rows.setting, categories=list(settings), ordered=True)
     return (

@@ -120,6 +120,11 @@ def test_baseline_generations_name_the_method_and_keep_the_vector_setting(tiny, 
     assert steered.method.tolist() == methods
     tuning = baselines.run_sadi(context, sample, grids)
     assert list(dict.fromkeys(tuning.variant)) == list(grids) and "setting" not in tuning
+    controlled = baselines.with_controls(context, table)
+    assert list(dict.fromkeys(controlled.method)) == [*methods, *pipeline.CONTROLS]
+    random = controlled[controlled.method == pipeline.CONTROL_RANDOM]
+    ours = table[table.method == "ours"]
+    assert random.eps.tolist() == ours.eps.tolist() and random.blocks.tolist() == ours.blocks.tolist()
 
 
 def results_tree(root, models_):

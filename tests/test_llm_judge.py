@@ -98,6 +98,47 @@ def test_score_table_gates_before_the_llm_and_keeps_the_embedding_columns(tiny_j
     assert {"embedding_score", "relevance", "coherence", "reason"} <= set(table.columns)
 
 
+def test_the_memo_is_written_chunk_by_chunk_and_a_rerun_asks_nothing(tiny_judge, tmp_path, monkeypatch):
+    concepts, questions, responses = map(list, zip(*CASES))
+    monkeypatch.setattr(llm_judge, "MEMO_CHUNK", 2)
+    monkeypatch.setattr(tiny_judge, "memo", tmp_path / "p-yes.csv")
+    asked = np.array([True, True, False, True, True])
+    expected = _p(tiny_judge)
+    calls = []
+    original = tiny_judge.p_yes
+    monkeypatch.setattr(tiny_judge, "p_yes", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    first = tiny_judge.cached_p_yes("places", concepts, questions, responses, asked)
+    assert calls == [2, 2] and len(tiny_judge.memoised()) == 4  # two chunks, each written as it finished
+    assert np.isnan(first[2]) and np.allclose(first[asked], expected[asked], atol=1e-5)
+    again = tiny_judge.cached_p_yes("places", concepts, questions, responses, asked)
+    assert calls == [2, 2] and np.array_equal(first, again, equal_nan=True)  # all read back, none recomputed
+
+
+def test_rejudge_asks_the_llm_about_every_stored_response_the_gate_passes(tiny_judge, tmp_path, monkeypatch):
+    concepts, questions, responses = map(list, zip(*CASES))
+    reasons = ["ok", "repetitive", "ok", "off-concept", "ok"]
+    stored = pd.DataFrame(
+        {
+            "concept_class": "places",
+            "concept": concepts,
+            "question": questions,
+            "response": responses,
+            "reason": reasons,
+        }
+    )
+    for folder, name in (("m", "03_generations.csv"), ("m", "01_generations.csv"), ("m/protocol-paper", "01_x.csv")):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        stored.to_csv(tmp_path / folder / name.replace("_x", "_generations"), index=False)
+    order = [p.relative_to(tmp_path).as_posix() for p in judge_validation.generation_files(tmp_path)]
+    assert order == ["m/01_generations.csv", "m/protocol-paper/01_generations.csv", "m/03_generations.csv"]
+    monkeypatch.setattr(tiny_judge, "memo", tmp_path / "p-yes.csv")
+    monkeypatch.setattr(tiny_judge, "calibration", Calibration(gate=True))
+    monkeypatch.setattr(judge_validation, "load_judge", lambda name: tiny_judge)
+    assert judge_validation.rejudge(tmp_path) == 0
+    memo = tiny_judge.memoised()
+    assert sorted(memo.response) == sorted(r for r, ok in zip(responses, stored.reason != "repetitive") if ok)
+
+
 def test_calibration_threshold_gate_and_logistic(tmp_path):
     table = pd.DataFrame(
         {
@@ -262,11 +303,12 @@ def _judged_frame(seed: int = 0, n: int = 200) -> pd.DataFrame:
 
 def test_the_calibration_is_chosen_on_the_dev_halves_alone():
     judged = _judged_frame()
-    chosen, table = judge_validation.choose(judged)
+    chosen, table = judge_validation.choose(judged, "bfloat16")
     scrambled = judged.assign(label=np.where(judged.split == "test", 1 - judged.label, judged.label))
-    again, _ = judge_validation.choose(scrambled)
+    again, _ = judge_validation.choose(scrambled, "bfloat16")
     assert again == chosen  # the test halves' labels play no part in the choice
-    assert len(table) == 4 and chosen.fits(llm_judge.JUDGE_MODEL)
+    assert len(table) == 4 and chosen.fits(llm_judge.JUDGE_MODEL, "bfloat16")
+    assert not chosen.fits(llm_judge.JUDGE_MODEL, "float32")  # another precision needs its own choice
     dev = judged[judged.split == "dev"]
     assert judge_validation.metrics(dev.label, chosen.verdict(dev))["kappa"] == pytest.approx(table.dev_kappa.max())
 
@@ -323,7 +365,7 @@ def test_the_committed_calibration_fits_todays_prompt_and_beats_the_embedding_ju
     from steer_utils.paths import JUDGE_CALIBRATION_FILE, ROOT
 
     calibration = Calibration.load(JUDGE_CALIBRATION_FILE)
-    assert calibration.fits(llm_judge.JUDGE_MODEL), "prompt or model changed: rerun `make judge`"
+    assert calibration.fits(llm_judge.JUDGE_MODEL, llm_judge.JUDGE_DTYPE), "prompt or model changed: `make judge`"
     rows = pd.read_csv(ROOT / "results" / "judge" / "validation.csv", dtype={"round": str})
     pooled = rows[(rows["round"] == "all") & (rows.split == "test")].set_index("judge")
     assert pooled.kappa["llm"] > pooled.kappa["embedding"] and pooled.n["llm"] >= 200

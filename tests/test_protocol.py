@@ -183,6 +183,27 @@ def test_run_concept_applies_the_protocol(tiny, tmp_cache):
     assert flat.response[0] == paper.response[0]  # eps 0: unsteered under any protocol
 
 
+def test_controls_steer_a_random_direction_like_the_vector_and_keep_the_unsteered_answers(tiny, tmp_cache):
+    model, tokenizer, _ = tiny
+    context = pipeline.RunContext(model, tokenizer, "tiny", STATEMENTS, {"moods": ["Hi?", "Why?"]}, max_new_tokens=4)
+    grid = [0.0, 4.0]
+    steered, _ = pipeline.run_concept(context, "moods", "Cheerful", [pipeline.Setting.parse(pipeline.OURS)], grid)
+    controls = pipeline.run_controls(context, "moods", "Cheerful", coefficients=grid)
+    random = controls[controls.setting == pipeline.CONTROL_RANDOM]
+    unsteered = controls[controls.setting == pipeline.CONTROL_UNSTEERED]
+    assert len(random) == 4 and len(unsteered) == 2 and set(unsteered.coefficient) == {0.0}
+    assert set(controls.eps) == {0.0, 4.0} and set(controls.protocol) == {ADOPTED.name}  # as run_concept's columns
+    at_zero = steered[steered.coefficient == 0.0].response.tolist()
+    assert random[random.coefficient == 0.0].response.tolist() == at_zero == unsteered.response.tolist()
+    assert random[random.coefficient == 4.0].response.tolist() != steered[steered.coefficient == 4.0].response.tolist()
+    other = pipeline.run_controls(context, "moods", "Gloomy", coefficients=grid)
+    assert other[other.setting == pipeline.CONTROL_UNSTEERED].response.tolist() == unsteered.response.tolist()
+    assert pipeline.control_seed("moods", "Cheerful", 0) != pipeline.control_seed("moods", "Gloomy", 0)
+    with contextlib.ExitStack() as stack:  # a second call reads the cache: nothing is generated
+        stack.enter_context(pytest.MonkeyPatch.context()).setattr(steering, "generate_grid", None)
+        pd.testing.assert_frame_equal(pipeline.run_controls(context, "moods", "Cheerful", coefficients=grid), controls)
+
+
 def test_auc_matches_a_pairwise_count():
     rng = np.random.default_rng(0)
     pos = rng.normal(1, 1, 30)
