@@ -39,6 +39,7 @@ JUDGE_MODEL = "qwen2.5-coder-1.5b"  # the default judge model, the one data/judg
 # the calibration is chosen on bf16 P(yes). Another precision needs its own calibration (`Calibration.fits`).
 JUDGE_DTYPE = "bfloat16"
 MEMO_CHUNK = 256  # responses judged between two writes of the P(yes) memo: a stop loses at most this many
+MEMO_KEYS = ["concept_class", "concept", "question", "response"]  # what a memoised P(yes) is looked up by
 
 SYSTEM = "You are a careful, strict grader of short answers. You reply with one word: Yes or No."
 
@@ -244,9 +245,7 @@ class LLMJudge:
         no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
         return torch.sigmoid(yes - no).cpu().numpy()
 
-    def p_yes(
-        self, concept_class: str, concepts, questions, responses, share_prefix: bool = True, progress: bool = False
-    ) -> np.ndarray:
+    def p_yes(self, concept_class: str, concepts, questions, responses, share_prefix: bool = True) -> np.ndarray:
         """P(yes) per response, in batches of `batch_size`, sorted by length (less padding), in input order."""
         prompts = [self.prompt_ids(concept_class, c, q, r) for c, q, r in zip(concepts, questions, responses)]
         if not prompts:
@@ -255,8 +254,7 @@ class LLMJudge:
         cache = self.prefix_cache(concept_class, prefix_ids) if share_prefix else None
         order = np.argsort([len(c) for c in cases], kind="stable")
         out = np.empty(len(cases))
-        starts = range(0, len(cases), self.batch_size)
-        for start in tqdm(starts, desc=f"LLM judge ({concept_class})", disable=not progress, leave=False):
+        for start in range(0, len(cases), self.batch_size):
             rows = order[start : start + self.batch_size]
             batch = [cases[j] for j in rows]
             if share_prefix:
@@ -300,12 +298,11 @@ class LLMJudge:
     def cached_p_yes(self, concept_class: str, concepts, questions, responses, rows: np.ndarray) -> np.ndarray:
         """P(yes) where `rows` (bool) is True, NaN elsewhere: read from the memo file, the rest computed and added
         `MEMO_CHUNK` responses at a time, so an interrupted run resumes where it stopped."""
-        keys = ["concept_class", "concept", "question", "response"]
         asked = pd.DataFrame({"concept_class": concept_class, "concept": concepts, "question": questions})
         asked["response"] = ["" if r is None else str(r) for r in responses]
         known = self.memoised()
-        p = asked.merge(known, on=keys, how="left").p_yes.to_numpy(float)
-        todo = asked[rows & np.isnan(p)].drop_duplicates(keys)
+        p = asked.merge(known, on=MEMO_KEYS, how="left").p_yes.to_numpy(float)
+        todo = asked[rows & np.isnan(p)].drop_duplicates(MEMO_KEYS)
         chunks = range(0, len(todo), MEMO_CHUNK)
         for start in tqdm(chunks, desc=f"LLM judge ({concept_class})", disable=len(chunks) < 2, leave=False):
             part = todo.iloc[start : start + MEMO_CHUNK]
@@ -314,15 +311,14 @@ class LLMJudge:
             if self.memo:
                 write_csv(known, self.memo)
         if len(todo):
-            p = asked.merge(known, on=keys, how="left").p_yes.to_numpy(float)
+            p = asked.merge(known, on=MEMO_KEYS, how="left").p_yes.to_numpy(float)
         return np.where(rows, p, np.nan)
 
     def memoised(self) -> pd.DataFrame:
         """Every P(yes) this judge (model, precision, prompt, response cut) has stored: the four keys and `p_yes`."""
-        keys = ["concept_class", "concept", "question", "response"]
         if self.memo and self.memo.exists():
-            return pd.read_csv(self.memo, keep_default_na=False, dtype=dict.fromkeys(keys, str))
-        return pd.DataFrame({**{k: pd.Series(dtype=str) for k in keys}, "p_yes": pd.Series(dtype=float)})
+            return pd.read_csv(self.memo, keep_default_na=False, dtype=dict.fromkeys(MEMO_KEYS, str))
+        return pd.DataFrame({**{k: pd.Series(dtype=str) for k in MEMO_KEYS}, "p_yes": pd.Series(dtype=float)})
 
     def score(self, concept_class: str, concepts: list[str], questions: list[str], responses: list[str]) -> np.ndarray:
         """0/1 per response (int array), as in `score_table(...)['score']`."""
