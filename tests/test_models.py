@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from steer_utils import models
+from steer_utils import models, paths
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -51,13 +51,18 @@ def test_local_tiny_model_gets_the_plain_template(tiny_model_dir):
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "name,n_blocks,hidden,template",
-    [("smollm2-135m", 30, 576, "native"), ("gemma3-270m", 18, 640, "plain"), ("qwen2.5-coder-0.5b", 24, 896, "native")],
+    "name,n_blocks,hidden,template,dtype",
+    [
+        ("smollm2-135m", 30, 576, "native", "auto"),
+        ("gemma3-270m", 18, 640, "plain", "auto"),
+        ("qwen2.5-coder-0.5b", 24, 896, "native", "bfloat16"),  # the bf16 copy: half the disk of an fp32 one
+    ],
 )
-def test_bundled_model_loads_and_generates(name, n_blocks, hidden, template):
-    model, tokenizer, info = models.load_model(name)
+def test_bundled_model_loads_and_generates(name, n_blocks, hidden, template, dtype):
+    model, tokenizer, info = models.load_model(name, dtype=dtype)
     assert (info.n_blocks, info.hidden_size, info.chat_template) == (n_blocks, hidden, template)
-    assert info.dtype == "float32"  # auto is fp32 on every CPU, native bf16 or not (tests/test_precision.py)
+    # auto is fp32 on every CPU, native bf16 or not (tests/test_precision.py)
+    assert info.dtype == ("float32" if dtype == "auto" else dtype) == str(next(model.parameters()).dtype)[6:]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True
     )
@@ -82,11 +87,39 @@ def test_importing_the_package_leaves_the_environment_alone():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-def test_gguf_conversion_key_is_a_cache_key_of_the_file_and_versions(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"x" * 10)
-    key = models.gguf_conversion_key("m", gguf)
-    assert key.startswith("m-") and key == models.gguf_conversion_key("m", gguf)
-    assert key != models.gguf_conversion_key("m", gguf, ("pytest",))  # the shipping package's version enters it
-    gguf.write_bytes(b"x" * 11)
-    assert key != models.gguf_conversion_key("m", gguf)  # another file
+def test_gguf_conversion_key_is_a_cache_key_of_the_file_versions_and_precision():
+    key = models.gguf_conversion_key("m", "m.gguf", 10)
+    assert key.startswith("m-") and key == models.gguf_conversion_key("m", "m.gguf", 10)
+    assert key != models.gguf_conversion_key("m", "m.gguf", 10, ("pytest",))  # the shipping package's version
+    assert key != models.gguf_conversion_key("m", "m.gguf", 11)  # another file
+    assert key != models.gguf_conversion_key("m", "m.gguf", 10, dtype=torch.bfloat16)  # stored in bf16
+    assert key == models.gguf_conversion_key("m", "m.gguf", 10, dtype=torch.float64)  # stored in fp32 as well
+
+
+def test_a_chunked_model_is_joined_only_to_convert_it_and_the_join_is_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
+    spec = models.CHUNKED["qwen2.5-coder-0.5b"]
+    joined, converted = [], []
+    monkeypatch.setattr(models.ChunkedGGUF, "chunk_paths", lambda self: [])
+    monkeypatch.setattr(models.ChunkedGGUF, "file_name", "toy.gguf")
+
+    def locate(self):
+        path = models.entry_path("models", self.file_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"gguf")
+        joined.append(path)
+        return path
+
+    def convert(gguf, key, dtype):
+        assert gguf.is_file()
+        (models.entry_path("models", key)).mkdir(parents=True)
+        (models.entry_path("models", key) / "config.json").write_text("{}")
+        converted.append(dtype)
+        return models.entry_path("models", key)
+
+    monkeypatch.setattr(models.ChunkedGGUF, "locate", locate)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    first = models.model_source(spec.name, torch.bfloat16)
+    assert len(joined) == len(converted) == 1 and not joined[0].exists()  # converted, then the join deleted
+    assert models.model_source(spec.name, torch.bfloat16) == first and len(joined) == 1  # no second join
+    assert models.model_source(spec.name, torch.float32) != first and converted == [torch.bfloat16, torch.float32]
