@@ -18,7 +18,7 @@ JUDGE ?= llm
 # paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/, where 04 reads them.
 PROTOCOL ?=
 BENCH_MODELS ?= smollm2-135m gemma3-270m
-# Sharding (see steer_utils/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
+# Sharding (see steer_utils/tools/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
 NUM_SHARDS ?= 1
 NOTEBOOK ?=
@@ -57,7 +57,7 @@ PROTOCOL_OPT = $(if $(strip $(PROTOCOL)), --protocol '$(strip $(PROTOCOL))')
 
 PAPERMILL = $(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar
 # Stops a notebook before it starts when another notebook's results it reads are missing, naming the make command.
-CHECK_INPUTS = $(BIN)/python -m steer_utils.paths check-inputs
+CHECK_INPUTS = $(BIN)/python -m steer_utils.tools.inputs check-inputs
 # In a recipe's loop over MODELS: slug = the model's folder name under runs/ and results/ (as paths.model_slug).
 SLUG = slug=$$(printf '%s' "$$m" | sed -E 's\#/+$$\#\#; s\#/\#--\#g; s\#^[.-]+\#\#')
 # Where papermill writes the executed notebook: runs/<model>/<notebook>[-protocol-<name>].ipynb, or, for one
@@ -125,21 +125,21 @@ $(CROSS_MODEL): %: $(STAMP)
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
 	@for m in $(MODELS); do \
 		$(SLUG); \
-		$(BIN)/python -m steer_utils.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE)$(PROTOCOL_OPT); \
+		$(BIN)/python -m steer_utils.tools.shards check --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS) --profile $(PROFILE)$(PROTOCOL_OPT); \
 		mkdir -p runs/$$slug; \
 		echo "== merge $(NOTEBOOK) [$$m, $(PROFILE), $(NUM_SHARDS) shards] -> runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb"; \
 		$(PAPERMILL) notebooks/$(NOTEBOOK).ipynb runs/$$slug/$(NOTEBOOK)$(RUN_SUFFIX).ipynb -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$(NOTEBOOK))$(call JUDGE_ARG,$(NOTEBOOK))$(call PROTOCOL_ARG,$(NOTEBOOK)); \
-		$(BIN)/python -m steer_utils.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
+		$(BIN)/python -m steer_utils.tools.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
 
 judge: $(STAMP) ## Validate the LLM judge on data/judge_cases.jsonl: calibration (dev halves), docs/judge.md (test halves)
-	$(BIN)/python -m steer_utils.judge_validation
+	$(BIN)/python -m steer_utils.experiments.judge_validation
 
 rejudge: $(STAMP) ## P(yes) of every committed response from the LLM judge, into its memo (resumable; hours on a CPU)
-	$(BIN)/python -m steer_utils.judge_validation rejudge
+	$(BIN)/python -m steer_utils.experiments.judge_validation rejudge
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
-	$(BIN)/python -m steer_utils.bench --models $(BENCH_MODELS)
+	$(BIN)/python -m steer_utils.tools.bench --models $(BENCH_MODELS)
 
 test: lint test-unit test-notebooks ## Run the linter, the unit/integration tests, then nbval over the notebooks
 
@@ -148,7 +148,7 @@ lint: $(STAMP) ## ruff check and ruff format --check (configured in pyproject.to
 	$(BIN)/ruff format --check steer_utils tests
 
 report: $(STAMP) ## Regenerate docs/results.md from the tables in results/
-	$(BIN)/python -m steer_utils.report
+	$(BIN)/python -m steer_utils.tools.report
 
 test-unit: $(STAMP) ## pytest only (tests/)
 	STEER_RESULTS_DIR=$(TEST_OUT)/results STEER_FIGURES_DIR=$(TEST_OUT)/figures \
@@ -159,7 +159,7 @@ test-notebooks: $(STAMP) ## nbval (lax) over notebooks/ with their small default
 		$(BIN)/python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-kernel-name $(KERNEL) notebooks
 
 lock: $(STAMP) ## Re-pin requirements.lock and environment.yml from the current .venv
-	$(BIN)/python -m steer_utils.lockfile
+	$(BIN)/python -m steer_utils.tools.lockfile
 
 clean: ## Remove executed notebooks (runs/) and test outputs; keeps results/, figures/ and the cache
 	rm -rf runs $(TEST_OUT)

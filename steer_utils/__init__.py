@@ -1,6 +1,8 @@
 """steer_utils: attention-guided feature learning for steering LLMs (arXiv 2602.00333).
 
-One module per pipeline stage; notebooks in `notebooks/` only call these and plot. The public API, in five lines:
+Three wings: `core/` is the paper's method (torch, no pandas), `experiments/` one backend per notebook and what they
+share, `tools/` the make targets (bench, report, shards); `api.py`, `paths.py` and `cache.py` sit above them.
+Notebooks in `notebooks/` only call these and plot. The public API, in five lines:
 
     from steer_utils import load_model, train_concept_vector, generate
     model, tokenizer, _ = load_model("smollm2-135m")
@@ -20,14 +22,14 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it, imported on first access.
 _EXPORTS = {
-    "load_model": "models",
+    "load_model": "core.models",
     "train_concept_vector": "api",
     "generate": "api",
     "parse_concept": "api",
-    "ConceptVector": "vectors",
-    "Protocol": "protocol",
-    "ADOPTED": "protocol",
-    "PAPER": "protocol",
+    "ConceptVector": "core.vectors",
+    "Protocol": "core.protocol",
+    "ADOPTED": "core.protocol",
+    "PAPER": "core.protocol",
 }
 __all__ = ["__version__", *_EXPORTS]
 

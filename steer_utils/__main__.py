@@ -92,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_steer(args: argparse.Namespace, out=None) -> None:
     """Train the vector and print the unsteered answer, then the steered answer at each coefficient."""
-    from . import api, pipeline, protocol  # imports torch
+    from . import api  # imports torch, so only once a command runs (--help and usage errors start without it)
+    from .core import protocol, training
 
     out = out or sys.stdout
     # Check every input before the model loads.
     concept_class, name = api.parse_concept(args.concept)
     statements = api.resolve_statements(args.statements)  # the first N bundled ones
-    pipeline.Setting.parse(args.setting)
+    training.Setting.parse(args.setting)
     chosen = protocol.resolve_protocol(args.protocol)  # its positions and system prompt apply when generating too
     model, tokenizer, info = api.load_model(args.model, dtype=args.dtype, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
@@ -125,7 +126,7 @@ def run_steer(args: argparse.Namespace, out=None) -> None:
     unsteered = api.generate(model, tokenizer, args.question, args.max_new_tokens, system=chosen.system)
     print(f"== unsteered ==\n{unsteered}\n", file=out)
     for coefficient in args.coefficients:
-        with vector.apply(model, coefficient, positions=chosen.positions):
+        with vector.apply(model, coefficient):  # at the positions of the protocol the vector records
             answer = api.generate(model, tokenizer, args.question, args.max_new_tokens, system=chosen.system)
         print(f"== steered, coefficient {coefficient:g} ==\n{answer}\n", file=out)
 

@@ -6,9 +6,9 @@
     with vector.apply(model, 0.035):
         print(generate(model, tokenizer, "What should I do this weekend?"))
 
-A vector trained here is the pipeline's (`pipeline.concept_activations` + `pipeline.fit_setting`) under the adopted
-protocol, restricted to the blocks that protocol steers and scaled as it scales, so `vector.apply(model, c)` adds
-exactly what `pipeline.run_concept` adds at coefficient c.
+`train_concept_vector` checks its inputs, picks the contrast concepts and the cache, and calls `core.training.train`:
+the notebooks' own fit under the adopted protocol, restricted to the blocks that protocol steers and scaled as it
+scales, so `vector.apply(model, c)` adds exactly what `pipeline.run_concept` adds at coefficient c.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 
-from . import data, pipeline, steering
-from .models import load_model
-from .profiles import PROFILES
-from .protocol import Protocol, resolve_protocol
-from .vectors import ConceptVector
+from .core import decoding, prompting, training
+from .core.models import load_model
+from .core.protocol import Protocol, resolve_protocol
+from .core.vectors import ConceptVector
+from .experiments import data, pipeline
+from .experiments.profiles import PROFILES
 
 __all__ = [
     "load_model",
@@ -34,20 +35,21 @@ __all__ = [
 ]
 
 DEFAULT_STATEMENTS = PROFILES["default"].n_statements  # training statements of a default-profile run (64)
-DEFAULT_SETTING = pipeline.OURS  # the paper's method: attention-selected token, soft labels, RFM
+DEFAULT_SETTING = training.OURS  # the paper's method: attention-selected token, soft labels, RFM
 _CONCEPT_FORM = "write '<class>/<name>', e.g. 'fears/heights' or 'moods/cheerful'"
 
 
 def parse_concept(concept: str) -> tuple[str, str]:
     """'fears/heights' -> ('fears', 'Heights'): the class and the name (a bundled concept's own spelling)."""
     if not isinstance(concept, str) or "/" not in concept:
-        raise ValueError(f"Concept {concept!r} needs its class: {_CONCEPT_FORM} (classes: {', '.join(data.CLASSES)}).")
+        classes = ", ".join(prompting.CLASSES)
+        raise ValueError(f"Concept {concept!r} needs its class: {_CONCEPT_FORM} (classes: {classes}).")
     concept_class, _, name = concept.partition("/")
     concept_class, name = concept_class.strip().lower(), name.strip()
-    if concept_class not in data.CLASSES:
+    if concept_class not in prompting.CLASSES:
         raise ValueError(
             f"Unknown concept class {concept_class!r} in {concept!r}; use one of: "
-            f"{', '.join(data.CLASSES)} ({_CONCEPT_FORM})."
+            f"{', '.join(prompting.CLASSES)} ({_CONCEPT_FORM})."
         )
     if not name:
         raise ValueError(f"Concept {concept!r} has no name after the '/'; {_CONCEPT_FORM}.")
@@ -99,11 +101,11 @@ def train_concept_vector(
     The vector holds the protocol's steered blocks only (every block but the first for ADOPTED), its norms are what
     the coefficient multiplies (the block norms, mean_norm's mean, times the protocol's eps multiplier).
     cache=True reads and writes the activations in the disk cache, keyed by `model_name` (then required).
-    A protocol's positions and system prompt are not stored: pass them to `apply` and `generate` (ADOPTED's are the
-    defaults there).
+    The vector records its protocol (`vector.protocol`, saved with it): `apply` steers at its positions; pass its
+    system prompt to `generate` (`system=vector.protocol.system`; ADOPTED's is the default there).
     """
     concept_class, name = parse_concept(concept)
-    parsed = pipeline.Setting.parse(setting)
+    training.Setting.parse(setting)  # a bad setting fails before any extraction
     protocol = protocol if isinstance(protocol, Protocol) else resolve_protocol(protocol)
     statements = resolve_statements(statements)
     if cache and model_name == "model":
@@ -119,17 +121,19 @@ def train_concept_vector(
             stacklevel=2,
         )
         protocol = dataclasses.replace(protocol, contrast=0)
-    acts = pipeline.concept_activations(
-        model, tokenizer, model_name, concept_class, name, statements, batch_size, cached=cache, protocol=protocol
-    )
-    vector, _ = pipeline.fit_setting(acts, parsed, model_name, seed)  # directions (d,) for every block
-    blocks, multiplier = protocol.steered_blocks(len(steering.find_blocks(model)))
-    scaled = protocol.scaled(vector, blocks)  # as pipeline.run_concept steers it
-    metadata = dict(scaled.metadata, protocol=protocol.name, n_statements=str(len(statements)))
-    if multiplier != 1.0:
-        metadata["eps_multiplier"] = str(multiplier)  # folded into the norms
-    return ConceptVector(
-        {b: scaled.directions[b] for b in blocks}, {b: scaled.norms[b] * multiplier for b in blocks}, metadata
+    return training.train(
+        model,
+        tokenizer,
+        concept_class,
+        name,
+        statements,
+        protocol=protocol,
+        setting=setting,
+        contrast=pipeline.contrast_concepts(concept_class, name, protocol),
+        model_name=model_name,
+        seed=seed,
+        batch_size=batch_size,
+        extractor=pipeline.extractor(model_name if cache else None),
     )
 
 
@@ -143,4 +147,4 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 50, system: 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     # One `model.generate` call over the whole prompt, so an active positions='answer' `apply` steers only the answer.
-    return steering.generate_reference(model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system)[0]
+    return decoding.generate_reference(model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system)[0]

@@ -16,10 +16,13 @@ def build_tiny_tokenizer(chat_template: str | None = CHATML):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from steer_utils import data
+    from steer_utils.core import prompting
+    from steer_utils.experiments import data
 
-    texts = data.load_statements() + [data.prefix_text(c, x) for c in data.CLASSES for x in data.load_concepts(c)]
-    texts += ["User: Assistant: system user assistant " + data.STATEMENT_TEMPLATE]
+    texts = data.load_statements() + [
+        prompting.prefix_text(c, x) for c in prompting.CLASSES for x in data.load_concepts(c)
+    ]
+    texts += ["User: Assistant: system user assistant " + prompting.STATEMENT_TEMPLATE]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -82,3 +85,11 @@ def sharp_model_dir(tmp_path_factory):
     """The tiny llama with 15x larger random weights: peaked attention and hidden states of ~20, so positions
     matter as in a trained model (with the default init a one-position shift moves a state by under one bf16 ulp)."""
     return save_tiny_llama(tmp_path_factory.mktemp("sharp-llama"), initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """(model, tokenizer, info) of the tiny random llama in fp32 on the CPU, loaded once per test module."""
+    from steer_utils.core import models
+
+    return models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")

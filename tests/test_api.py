@@ -10,19 +10,16 @@ import pytest
 import torch
 
 import steer_utils
-from steer_utils import api, data, models, pipeline, profiles, steering
+from steer_utils import api
 from steer_utils.__main__ import DEFAULT_COEFFICIENTS, main
-from steer_utils.protocol import ADOPTED, PAPER, Protocol
-from steer_utils.vectors import ConceptVector
+from steer_utils.core import decoding, extraction, models, training, vectors
+from steer_utils.core.protocol import ADOPTED, PAPER, Protocol
+from steer_utils.core.vectors import ConceptVector
+from steer_utils.experiments import data, pipeline, profiles
 
 STATEMENTS = data.load_statements(n=4)
 QUESTION = "What is your favourite season?"
 COEFFICIENT = 0.5  # the tiny model's block norms are ~0.1: this changes its answer
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return models.load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +29,7 @@ def pipeline_vector(tiny):
     acts = pipeline.concept_activations(
         model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, cached=False, protocol=ADOPTED
     )
-    return pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), "tiny")[0]
+    return pipeline.fit_setting(acts, training.Setting.parse("attention-soft-rfm"), "tiny")[0]
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +101,27 @@ def test_api_vector_is_the_pipelines_on_the_steered_blocks(tiny, api_vector, pip
 def test_apply_steers_exactly_like_the_pipeline(tiny, api_vector, pipeline_vector):
     model, tokenizer, info = tiny
     blocks = ADOPTED.steered_blocks(info.n_blocks)[0]
-    additions = steering.steering_additions([pipeline_vector], [COEFFICIENT], blocks)
-    expected = steering.generate(model, tokenizer, [QUESTION], additions, max_new_tokens=8)[0]
-    grid = steering.generate_grid(model, tokenizer, {"ours": pipeline_vector}, [QUESTION], [COEFFICIENT], blocks, 8)
+    additions = vectors.steering_additions([pipeline_vector], [COEFFICIENT], blocks)
+    expected = decoding.generate(model, tokenizer, [QUESTION], additions, max_new_tokens=8)[0]
+    grid = pipeline.generate_grid(model, tokenizer, {"ours": pipeline_vector}, [QUESTION], [COEFFICIENT], blocks, 8)
     assert grid.response.tolist() == [expected]
     with api_vector.apply(model, COEFFICIENT):
-        assert steering.generate(model, tokenizer, [QUESTION], max_new_tokens=8)[0] == expected
+        assert decoding.generate(model, tokenizer, [QUESTION], max_new_tokens=8)[0] == expected
         assert api.generate(model, tokenizer, QUESTION, max_new_tokens=8) == expected
     assert api.generate(model, tokenizer, QUESTION, max_new_tokens=8) != expected  # hooks gone: unsteered again
 
 
 def test_apply_answer_positions_matches_the_pipeline(tiny, api_vector, pipeline_vector):
     model, tokenizer, _ = tiny
-    additions = steering.steering_additions([pipeline_vector], [COEFFICIENT], [1])
-    expected = steering.generate(model, tokenizer, [QUESTION], additions, 8, positions="answer")[0]
+    additions = vectors.steering_additions([pipeline_vector], [COEFFICIENT], [1])
+    expected = decoding.generate(model, tokenizer, [QUESTION], additions, 8, positions="answer")[0]
     with api_vector.apply(model, COEFFICIENT, positions="answer"):
         assert api.generate(model, tokenizer, QUESTION, max_new_tokens=8) == expected
 
 
 def test_apply_removes_its_hooks_and_checks_blocks(tiny, api_vector):
     model, _, _ = tiny
-    blocks = steering.find_blocks(model)
+    blocks = extraction.find_blocks(model)
     with pytest.raises(RuntimeError, match="inside"):
         with api_vector.apply(model, COEFFICIENT, blocks=[1]):
             assert len(blocks[1]._forward_hooks) == 1
@@ -146,6 +143,26 @@ def test_a_saved_vector_steers_the_same(tiny, api_vector, tmp_path):
         with vector.apply(model, COEFFICIENT):
             answers.append(api.generate(model, tokenizer, QUESTION, max_new_tokens=8))
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".gguf"])
+def test_a_saved_vector_keeps_its_protocol_and_steers_at_its_positions(tiny, tmp_path, suffix, monkeypatch):
+    model, tokenizer, _ = tiny
+    answer_only = Protocol(positions="answer", contrast=3)
+    vector = api.train_concept_vector(
+        model, tokenizer, "moods/cheerful", model_name="tiny", statements=STATEMENTS, protocol=answer_only
+    )
+    vector.save(tmp_path / f"v{suffix}")
+    loaded = ConceptVector.load(tmp_path / f"v{suffix}")
+    assert loaded.protocol == answer_only and ConceptVector({}, {}).protocol is None
+    hooked, steer = [], vectors.steer
+    monkeypatch.setattr(
+        vectors, "steer", lambda m, additions, positions: hooked.append(positions) or steer(m, additions, positions)
+    )
+    for positions in (None, "all"):
+        with loaded.apply(model, COEFFICIENT, positions=positions):
+            api.generate(model, tokenizer, QUESTION, max_new_tokens=2)
+    assert hooked == ["answer", "all"]  # by default, the positions of the protocol the vector records
 
 
 def test_random_control_keeps_blocks_and_norms_with_seeded_unit_directions(api_vector):
@@ -174,7 +191,7 @@ def test_unbundled_concept_trains_without_contrast(tiny):
     acts = pipeline.concept_activations(
         model, tokenizer, "model", "moods", "quietly amused", STATEMENTS, cached=False, protocol=PAPER
     )  # no contrast: an unbundled concept has no neighbours
-    expected = pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), "model")[0]
+    expected = pipeline.fit_setting(acts, training.Setting.parse("attention-soft-rfm"), "model")[0]
     assert vector.metadata["protocol"] == "paper" and vector.metadata["concept"] == "quietly amused"
     assert torch.equal(vector.directions[1], expected.directions[1])
 
@@ -273,8 +290,8 @@ def test_cli_generates_under_the_protocol_like_the_pipeline(tiny, monkeypatch, c
     acts = pipeline.concept_activations(
         model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, cached=False, protocol=chosen
     )
-    vector = pipeline.fit_setting(acts, pipeline.Setting.parse("attention-soft-rfm"), "tiny")[0]
-    grid = steering.generate_grid(
+    vector = pipeline.fit_setting(acts, training.Setting.parse("attention-soft-rfm"), "tiny")[0]
+    grid = pipeline.generate_grid(
         model,
         tokenizer,
         {"ours": vector},
@@ -282,8 +299,7 @@ def test_cli_generates_under_the_protocol_like_the_pipeline(tiny, monkeypatch, c
         [COEFFICIENT],
         chosen.steered_blocks(info.n_blocks)[0],
         8,
-        system=chosen.system,
-        positions=chosen.positions,
+        protocol=chosen,
     )
     assert steered == grid.response[0]
 

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from steer_utils import lockfile, models, paths, profiles, provenance
+from steer_utils import paths
+from steer_utils.core import models
+from steer_utils.experiments import profiles
 from steer_utils.paths import NOTEBOOKS_DIR, ROOT
+from steer_utils.tools import inputs, lockfile, provenance
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -112,14 +115,14 @@ def test_notebook_structure(path):
 
 def test_a_notebook_names_the_results_it_needs_before_it_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
-    assert paths.missing_inputs("05_baselines", ["org/new"]) == [
+    assert inputs.missing_inputs("05_baselines", ["org/new"]) == [
         f"05_baselines needs {tmp_path / 'org--new' / '03_steerability.csv'}; run `make 03_layer_enrichment "
         "MODELS=org/new` first."
     ]
     (tmp_path / "org--new" / "protocol-paper").mkdir(parents=True)
     (tmp_path / "org--new" / "protocol-paper" / "03_steerability.csv").write_text("x\n")
-    assert paths.missing_inputs("05_baselines", ["org/new"], "protocol-paper") == []
-    assert paths.missing_inputs("01_token_selection", ["org/new"]) == []  # reads no other notebook's results
+    assert inputs.missing_inputs("05_baselines", ["org/new"], "protocol-paper") == []
+    assert inputs.missing_inputs("01_token_selection", ["org/new"]) == []  # reads no other notebook's results
     env = dict(os.environ, STEER_RESULTS_DIR=str(tmp_path))
     out = subprocess.run(
         ["make", "-s", "04_multi_model_scaling", "MODELS=org/new"], cwd=ROOT, env=env, capture_output=True, text=True

@@ -10,10 +10,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from steer_utils import data, labels, models, selection
-from steer_utils.enrichment import NULLS, min_attainable_pvalue, permutation_pvalues
-
-from .conftest import build_tiny_tokenizer
+from steer_utils.core import models, prompting, training
+from steer_utils.core.enrichment import NULLS, min_attainable_pvalue, permutation_pvalues
+from tests.conftest import build_tiny_tokenizer
 
 FEW = settings(max_examples=50, deadline=None, derandomize=True, database=None)
 
@@ -38,22 +37,22 @@ def test_prompt_spans_and_tail(tokenizer):
     specials = _special_strings(tokenizer)
 
     @FEW
-    @given(concept_class=st.sampled_from(data.CLASSES), concept=texts, statement=texts)
+    @given(concept_class=st.sampled_from(prompting.CLASSES), concept=texts, statement=texts)
     def check(concept_class, concept, statement):
         assume(not any(s in concept or s in statement for s in specials))  # refused on purpose (test_bad_inputs)
-        prefix = data.prefix_text(concept_class, concept)
-        prefixed, plain = data.paired_prompts(tokenizer, concept_class, concept, [statement])
+        prefix = prompting.prefix_text(concept_class, concept)
+        prefixed, plain = prompting.paired_prompts(tokenizer, concept_class, concept, [statement])
         p, q = prefixed[0], plain[0]
         start, end = p.prefix_span
         assert 0 <= p.user_start <= start < end <= p.tail_start <= len(p.input_ids)
         assert q.prefix_span is None and q.user_start <= q.tail_start <= len(q.input_ids)
         decoded = tokenizer.decode(p.input_ids[start:end], clean_up_tokenization_spaces=False)
         assert prefix in decoded
-        assert data.concept_text(concept_class, concept) in decoded
+        assert prompting.concept_text(concept_class, concept) in decoded
         # The shared tail: the same tokens after the user text, with or without the prefix.
         assert p.n_tail >= 1 and p.input_ids[p.tail_start :] == q.input_ids[q.tail_start :]
-        assert data.shared_tail([p, q]) == p.input_ids[p.tail_start :]
-        assert data.user_text(statement, prefix) in p.text and data.user_text(statement) in q.text
+        assert prompting.shared_tail([p, q]) == p.input_ids[p.tail_start :]
+        assert prompting.user_text(statement, prefix) in p.text and prompting.user_text(statement) in q.text
 
     check()
 
@@ -72,13 +71,13 @@ attention = st.integers(1, 6).flatmap(
 def test_label_scaling(rows, n_unprefixed):
     attn = torch.tensor(rows, dtype=torch.float32)
     n, n_blocks = attn.shape
-    hard = labels.make_labels("hard", attn, n_unprefixed)
+    hard = training.make_labels("hard", attn, n_unprefixed)
     assert hard.shape == (n + n_unprefixed, n_blocks) and hard[:n].eq(1).all() and hard[n:].eq(0).all()
     if bool((attn.amax(dim=0) == 0).any()):  # a block whose prefix gets no attention: nothing to fit
         with pytest.raises(ValueError, match="all equal"):
-            labels.make_labels("soft", attn, n_unprefixed)
+            training.make_labels("soft", attn, n_unprefixed)
         return
-    soft = labels.make_labels("soft", attn, n_unprefixed)
+    soft = training.make_labels("soft", attn, n_unprefixed)
     assert soft.shape == hard.shape and not soft.isnan().any()
     assert soft.min() >= 0 and soft.max() <= 1 and soft[n:].eq(0).all()
     assert soft[:n].amax(dim=0).eq(1).all()  # the strongest prefixed example of each block gets 1
@@ -93,7 +92,7 @@ def test_label_scaling(rows, n_unprefixed):
 @given(values=st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=12), columns=st.integers(1, 3))
 def test_minmax_scale_is_in_unit_interval(values, columns):
     x = torch.tensor(values, dtype=torch.float32)[:, None].repeat(1, columns) * torch.arange(1, columns + 1)
-    y = labels.minmax_scale(x)
+    y = training.minmax_scale(x)
     assert not y.isnan().any() and y.min() >= 0 and y.max() <= 1
     if x[:, 0].unique().numel() == 1:
         assert y.eq(0).all()
@@ -117,27 +116,27 @@ def attention_tensors(draw):
 @given(attn=attention_tensors(), shift=grid, data_=st.data())
 def test_token_selection(attn, shift, data_):
     n, n_blocks, n_tail = attn.shape
-    chosen = selection.select_tokens(attn, "attention")
+    chosen = training.select_tokens(attn, "attention")
     assert chosen.shape == (n_blocks,) and chosen.dtype == torch.long
     best = attn.amax(dim=0)  # (n_blocks, n_tail): Eq. 3 maximises over prompts, then over tail positions
     for b, t in enumerate(chosen.tolist()):
         assert 0 <= t < n_tail and best[b, t] == best[b].max()
         assert t == int((best[b] == best[b].max()).nonzero()[0])  # ties: the first such position
-    gathered = selection.gather_selected(attn, chosen)
+    gathered = training.gather_selected(attn, chosen)
     assert torch.equal(gathered, attn[:, torch.arange(n_blocks), chosen])
     # Invariant to a constant shift, a power-of-two scale and the order of the prompts.
-    assert torch.equal(selection.select_tokens(attn + shift, "attention"), chosen)
-    assert torch.equal(selection.select_tokens(attn * 4, "attention"), chosen)
+    assert torch.equal(training.select_tokens(attn + shift, "attention"), chosen)
+    assert torch.equal(training.select_tokens(attn * 4, "attention"), chosen)
     prompts = torch.tensor(data_.draw(st.permutations(range(n))))
-    assert torch.equal(selection.select_tokens(attn[prompts], "attention"), chosen)
+    assert torch.equal(training.select_tokens(attn[prompts], "attention"), chosen)
     # Equivariant to permuting blocks, and to permuting tail positions (up to ties).
     blocks = torch.tensor(data_.draw(st.permutations(range(n_blocks))))
-    assert torch.equal(selection.select_tokens(attn[:, blocks], "attention"), chosen[blocks])
+    assert torch.equal(training.select_tokens(attn[:, blocks], "attention"), chosen[blocks])
     tail = torch.tensor(data_.draw(st.permutations(range(n_tail))))
-    moved = tail[selection.select_tokens(attn[..., tail], "attention")]  # back to the original positions
+    moved = tail[training.select_tokens(attn[..., tail], "attention")]  # back to the original positions
     assert torch.equal(best[torch.arange(n_blocks), moved], best[torch.arange(n_blocks), chosen])
     position = data_.draw(st.integers(-n_tail, n_tail - 1))
-    assert selection.select_tokens(attn, "fixed", position).tolist() == [position % n_tail] * n_blocks
+    assert training.select_tokens(attn, "fixed", position).tolist() == [position % n_tail] * n_blocks
 
 
 # -- permutation p-values --------------------------------------------------------------------------------------------

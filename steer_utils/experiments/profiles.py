@@ -1,0 +1,87 @@
+"""Run sizes: `smoke` (tests, minutes), `default` (`make all`), `full` (the paper's benchmark)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of the benchmark a run covers (None = all)."""
+
+    name: str
+    n_concepts_per_class: int | None
+    n_statements: int | None
+    n_questions: int
+    max_new_tokens: int
+    sweep_concepts_per_class: int  # concepts per class in the sweeps of notebook 02
+    statement_counts: tuple[int, ...]  # training-set sizes of the statement-count sweep
+    layer_concepts_per_class: int = 1  # concepts per class steered through top/bottom/random block sets (03)
+    sadi_head_ks: tuple[int, ...] = (1, 4, 10)  # SADI tuning grid (05): heads kept by the mask
+    sadi_hidden_ks: tuple[int, ...] = (1, 5, 20)  # ... MLP output dimensions kept by the mask
+    sadi_deltas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # ... scalings a' = a + delta * a
+    study_concepts_per_class: int = 4  # development concepts per class in the protocol study (06; at most 4)
+    study_coefficients: tuple[float, ...] = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05)  # its shared eps grid (06)
+
+    def as_dict(self) -> dict:
+        """Plain dict, for tables."""
+        return asdict(self)
+
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke",
+        n_concepts_per_class=1,
+        n_statements=16,
+        n_questions=5,
+        max_new_tokens=24,
+        sweep_concepts_per_class=1,
+        statement_counts=(8, 16),
+        layer_concepts_per_class=1,
+        sadi_head_ks=(1, 4),
+        sadi_hidden_ks=(1, 5),
+        sadi_deltas=(1.0, 5.0),
+        study_concepts_per_class=1,
+        study_coefficients=(0.015, 0.035),
+    ),
+    "default": Profile(
+        "default",
+        n_concepts_per_class=20,
+        n_statements=64,
+        n_questions=5,
+        max_new_tokens=50,
+        sweep_concepts_per_class=2,
+        statement_counts=(16, 32, 64),
+        layer_concepts_per_class=3,
+    ),
+    "full": Profile(
+        "full",
+        n_concepts_per_class=None,
+        n_statements=None,
+        n_questions=5,
+        max_new_tokens=50,
+        sweep_concepts_per_class=10,
+        statement_counts=(50, 100, 200, 400),
+        layer_concepts_per_class=20,
+    ),
+}
+
+
+def _check_size(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Parameter {name} must be a positive integer or None (profile default), got {value!r}.")
+
+
+def resolve_profile(profile: str, **overrides: int | None) -> Profile:
+    """The named profile with any non-None overrides applied (e.g. n_statements=32)."""
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile '{profile}'; use one of: {', '.join(PROFILES)}.")
+    unknown = set(overrides) - (set(Profile.__dataclass_fields__) - {"name"})
+    if unknown:
+        raise ValueError(
+            f"Unknown profile field(s) {sorted(unknown)}; use: "
+            f"{', '.join(sorted(Profile.__dataclass_fields__.keys() - {'name'}))}."
+        )
+    for key, value in overrides.items():
+        _check_size(key, value)
+    return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})

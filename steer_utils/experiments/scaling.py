@@ -1,0 +1,145 @@
+"""Compare models from their results folders (notebook 04): nothing here loads a model.
+
+Each model's notebooks 01-03 write tidy tables into `results/<model>/`; these functions stack one table
+over models (with a `model` column) and reduce it to what the scaling comparison plots: the prior method
+vs ours per class, the soft-label gain, enrichment over normalised depth and the coefficients that worked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import paths
+from ..core.training import HARD, OURS, PRIOR
+from . import evaluation
+from .pipeline import CONTROLS
+
+
+def result_models(name: str = "01_steerability.csv", results_root: Path | None = None, variant: str = "") -> list[str]:
+    """The model folders under results/ that hold `name` (in their `variant` subfolder, if given), sorted."""
+    root = Path(results_root or paths.RESULTS_DIR)
+    return sorted(p.name for p in root.iterdir() if (p / variant / name).is_file()) if root.is_dir() else []
+
+
+def collect(
+    name: str, models: list[str] | None = None, results_root: Path | None = None, variant: str = ""
+) -> pd.DataFrame:
+    """One results table stacked over models, with a leading `model` column (the results folder name); `variant`
+    (e.g. 'protocol-paper') reads `results/<model>/<variant>/` instead, as the notebooks write a run off the adopted
+    protocol."""
+    root = Path(results_root or paths.RESULTS_DIR)
+    models = result_models(name, root, variant) if models is None else [paths.model_slug(m) for m in models]
+    if not models:
+        raise FileNotFoundError(
+            f"No results/{Path('<model>', variant, name).as_posix()} under '{root}'; run "
+            f"`make all` (notebooks 00-03) first."
+        )
+    missing = [m for m in models if not (root / m / variant / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"results/{Path(missing[0], variant, name).as_posix()} is missing; run "
+            f"`make all MODELS={missing[0]}` first."
+        )
+    frames = [pd.read_csv(root / m / variant / name, keep_default_na=False).assign(model=m) for m in models]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
+def check_training_protocol(generations: pd.DataFrame, protocol_name: str) -> None:
+    """Raise, naming the model, unless every model's notebook-01 vectors were trained under `protocol_name` (a
+    table without a `protocol` column, or with an empty one, was trained under 'paper')."""
+    found = generations["protocol"] if "protocol" in generations else pd.Series("", index=generations.index)
+    found = found.fillna("").replace("", "paper")
+    for model, names in found.groupby(generations.model, sort=False).unique().items():
+        other = [n for n in names if n != protocol_name]
+        if other:
+            raise ValueError(
+                f"results/{model}/ holds notebook 01 trained under protocol '{other[0]}', not "
+                f"'{protocol_name}'; rerun `make 01_token_selection MODELS={model}` under this protocol, or "
+                f"compare that protocol's runs with `make 04_multi_model_scaling PROTOCOL={other[0]}`."
+            )
+
+
+def model_overview(fits: pd.DataFrame, summary: pd.DataFrame, generations: pd.DataFrame) -> pd.DataFrame:
+    """Per model: blocks, the shared chat-template tail and how many concepts notebook 01 ran."""
+    blocks = fits.groupby("model", sort=False).block.max().add(1).rename("n_blocks")
+    tail = summary.groupby("model", sort=False).agg(n_tail=("n_tail", "first"), tail=("tail", "first"))
+    concepts = generations.groupby("model", sort=False).concept.nunique().rename("n_concepts")
+    return pd.concat([blocks, tail, concepts], axis=1).reset_index()
+
+
+def prior_vs_ours(
+    steerability: pd.DataFrame, settings: tuple[str, ...] = (PRIOR, HARD, OURS, *CONTROLS)
+) -> pd.DataFrame:
+    """Rows of notebook 01's steerability tables for the compared settings and the negative controls, in that order
+    (a table from before the controls has none)."""
+    rows = steerability[steerability.setting.isin(settings)].copy()
+    rows["setting"] = pd.Categorical(rows.setting, categories=list(settings), ordered=True)
+    return (
+        rows.sort_values(["model", "protocol", "setting"], kind="stable")
+        .astype({"setting": str})
+        .reset_index(drop=True)
+    )
+
+
+def soft_label_gain(paired: pd.DataFrame, hard: str = HARD, soft: str = OURS) -> pd.DataFrame:
+    """Per model, protocol and class: soft minus hard steerability with its paired-bootstrap CI and McNemar p."""
+    rows = paired[(paired.setting_a == hard) & (paired.setting_b == soft)]
+    if rows.empty:
+        raise ValueError(f"No paired test of '{hard}' vs '{soft}' in the table; rerun notebook 01.")
+    return (
+        rows[
+            [
+                "model",
+                "protocol",
+                "concept_class",
+                "mean_a",
+                "mean_b",
+                "diff",
+                "ci_low",
+                "ci_high",
+                "p_mcnemar",
+                "n_concepts",
+            ]
+        ]
+        .rename(columns={"mean_a": hard, "mean_b": soft})
+        .reset_index(drop=True)
+    )
+
+
+def depth_profile(enrichment: pd.DataFrame, n_bins: int = 10) -> pd.DataFrame:
+    """Mean enrichment score per model and normalised-depth bin (bins of width 1/n_bins; bin centres)."""
+    bins = np.minimum((enrichment.depth * n_bins).astype(int), n_bins - 1)
+    table = enrichment.assign(depth_bin=(bins + 0.5) / n_bins)
+    return (
+        table.groupby(["model", "depth_bin"], sort=False)
+        .agg(score=("score", "mean"), score_fdr=("score_fdr", "mean"), n_blocks=("block", "nunique"))
+        .reset_index()
+    )
+
+
+def working_coefficients(generations: pd.DataFrame, setting: str = OURS) -> pd.DataFrame:
+    """Per model and coefficient: the share of steered (concept, question) pairs whose smallest scoring eps it is."""
+    rows = generations[generations.setting == setting]
+    if rows.empty:
+        raise ValueError(f"No generations of setting '{setting}'; rerun notebook 01.")
+    parts = []
+    for model, frame in rows.groupby("model", sort=False):
+        best = evaluation.best_of_grid(frame)
+        steered = best[best.steered == 1]
+        counts = steered.best_coefficient.value_counts().reindex(sorted(frame.coefficient.unique()), fill_value=0)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "coefficient": counts.index,
+                    "n_steered": counts.to_numpy(),
+                    "share": counts.to_numpy() / max(len(steered), 1),
+                    "n_pairs": len(best),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)

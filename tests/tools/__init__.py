@@ -1,0 +1,1 @@
+"""Tests of steer_utils.tools: bench, report, shards."""
