@@ -8,8 +8,8 @@ The file llama.cpp reads: GGUF with `general.architecture = "controlvector"` and
 EPS * direction.N to the output of layer N at every position, so each tensor holds norms[b] * directions[b]
 (the addition per unit coefficient) and EPS is the same eps as in `vector.apply(model, eps)`.
 
-Layer numbering, checked in llama.cpp's source (ggml-org/llama.cpp; read with the `read_file` look-up, as the
-repository's snapshot was too large to fetch whole; commits are those of the stored versions read):
+Layer numbering, checked in llama.cpp's source (ggml-org/llama.cpp, read file by file; the commits are those of
+the versions read):
 - common/common.cpp @ 00758e06b449: `common_control_vector_load_one` parses the N of `direction.N`, refuses N < 0
   and N == 0 ("invalid (zero) direction tensor layer index"), non-F32 and non-1-D tensors, multiplies each value
   by the file's scale (`src[j] * load_info.strength`) and stores layer N at offset n_embd * (N - 1).
@@ -46,16 +46,6 @@ from ..cache import atomic_write
 ARCHITECTURE = "controlvector"  # general.architecture of a control vector file
 NAMESPACE = "steer_utils"  # our own keys, which llama.cpp ignores: metadata, norms, unit directions
 FORMAT_VERSION = 1
-
-
-def llamacpp_layer(block: int) -> int:
-    """llama.cpp's layer number N of `direction.N` for our 0-based block (the same number; see the module notes)."""
-    return block
-
-
-def _block_of(layer: int) -> int:
-    """Our 0-based block for llama.cpp's layer N (inverse of `llamacpp_layer`)."""
-    return layer
 
 
 def _check(directions: dict[int, torch.Tensor], norms: dict[int, float], metadata: dict[str, str]) -> None:
@@ -116,7 +106,7 @@ def write_control_vector(
         # The unit direction as a float32 array key, so the reader returns it bit for bit (tensor / norm would not).
         writer.add_array(f"{NAMESPACE}.unit_direction.{block}", unit.tolist())
         addition = (float(norms[block]) * unit).numpy().astype(np.float32)  # (d,): per unit coefficient
-        writer.add_tensor(f"direction.{llamacpp_layer(block)}", addition)
+        writer.add_tensor(f"direction.{block}", addition)  # llama.cpp's layer N is our block N (above)
 
     def write(tmp: str) -> None:
         try:
@@ -170,7 +160,7 @@ def read_control_vector(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, 
                 f"{path}: {tensor.name} is {tensor.tensor_type.name} of shape {list(tensor.shape)}; llama.cpp needs "
                 "1-D float32 tensors. Re-export the vector with ConceptVector.save."
             )
-        additions[_block_of(int(number))] = torch.tensor(np.array(tensor.data, dtype=np.float32))  # copy: no memmap
+        additions[int(number)] = torch.tensor(np.array(tensor.data, dtype=np.float32))  # copy: no memmap
     if not additions:
         raise ValueError(
             f"{path} is a control vector without direction tensors; re-export the vector with ConceptVector.save."
@@ -203,7 +193,7 @@ def read_control_vector(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, 
         # The tensor llama.cpp adds must still be norm * unit: catches a file rescaled or edited after it was saved.
         if not torch.allclose(addition, norms[block] * directions[block], rtol=1e-5, atol=1e-6 * abs(norms[block])):
             raise ValueError(
-                f"{path}: direction.{llamacpp_layer(block)} is not norm * unit direction of block {block}; the "
+                f"{path}: direction.{block} is not norm * unit direction of block {block}; the "
                 "file was changed after it was saved. Re-export the vector with ConceptVector.save."
             )
     return directions, dict(sorted(norms.items())), metadata

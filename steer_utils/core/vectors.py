@@ -312,7 +312,8 @@ class ConceptVector:
         one). Hooks are removed on exit, even on error.
         """
         if positions is None:
-            positions = self.protocol.positions if self.protocol else "all"
+            protocol = self.protocol
+            positions = protocol.positions if protocol else "all"
         if (
             isinstance(coefficient, bool)
             or not isinstance(coefficient, (int, float))
