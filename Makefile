@@ -85,7 +85,7 @@ $(error NOTEBOOK=$(NOTEBOOK) is not a numbered notebook; use one of: $(NB_NAMES)
 endif
 endif
 
-.PHONY: help install all judge rejudge merge bench report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
+.PHONY: help install all judge rejudge merge bench gpu-check report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
 	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
@@ -140,6 +140,9 @@ rejudge: $(STAMP) ## P(yes) of every committed response from the LLM judge, into
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
 	$(BIN)/python -m steer_utils.tools.bench --models $(BENCH_MODELS)
+
+gpu-check: $(STAMP) ## On a CUDA machine: the smoke profile of 01 and 05 in bf16 on the GPU against fp32 on the CPU
+	$(BIN)/python -m steer_utils.tools.gpu_check --models $(BENCH_MODELS) --llm-judge
 
 test: lint test-unit test-notebooks ## Run the linter, the unit/integration tests, then nbval over the notebooks
 

@@ -137,14 +137,20 @@ def train_concept_vector(
     )
 
 
-def generate(model, tokenizer, question: str, max_new_tokens: int = 50, system: str | None = None) -> str:
+def generate(
+    model, tokenizer, question: str, max_new_tokens: int = 50, system: str | None = None, stop_loops: bool = True
+) -> str:
     """The model's greedy answer to one chat-templated question, steered by any active `ConceptVector.apply`.
 
     system: the system message (None: the chat template's default, as the adopted protocol trains with).
+    stop_loops: once the answer repeats a short cycle three times, repeat it to the end instead of decoding on, as the
+    notebooks do (`core.decoding`); False decodes every token.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     # One `model.generate` call over the whole prompt, so an active positions='answer' `apply` steers only the answer.
-    return decoding.generate_reference(model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system)[0]
+    return decoding.generate_reference(
+        model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system, stop_loops=stop_loops
+    )[0]

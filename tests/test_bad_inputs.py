@@ -306,6 +306,7 @@ def test_k_from_fraction_refuses_impossible_sizes(fraction, n, words):
             "fp32",
             ("dtype must be one of auto, float32, bfloat16, float16", "'fp32' (str)", "-p dtype float32"),
         ),
+        ("stop_loops", "False", ("stop_loops must be True or False", "'False' (str)", "-p stop_loops False")),
         ("colour", "red", ("no rule for parameter 'colour'", "parameters.PARAMETERS")),
     ],
 )
@@ -320,6 +321,7 @@ def test_check_parameters_accepts_the_documented_forms():
         profile="full",
         dtype="bfloat16",
         seed=3,
+        stop_loops=False,
         n_statements=None,
         n_concepts_per_class=20,
         layer_concepts_per_class=None,

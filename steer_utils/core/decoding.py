@@ -1,5 +1,11 @@
 """Greedy batched generation under active steering: one row per (vector, coefficient, question), shared prompt
-prefixes run once, and the slow reference path (`model.generate`) it is tested against."""
+prefixes run once, rows that loop stopped early, and the slow reference path (`model.generate`) it is tested against.
+
+Loop stopping (on by default, `stop_loops=False` turns it off): once a row's last `LOOP_REPEATS` × p generated tokens
+are one p-token cycle (p <= `LOOP_MAX_PERIOD`), the row leaves the batch and the rest of its `max_new_tokens` is the
+cycle repeated, which is what greedy decoding gives for as long as the model stays in the loop. A response differs
+from the full decode only where the model would have left the loop later (`make bench` measures how often).
+"""
 
 from __future__ import annotations
 
@@ -49,6 +55,45 @@ def needs_logits_processing(model: nn.Module) -> bool:
     return config is not None and any(getattr(config, f, None) != getattr(default, f, None) for f in _LOGITS_PROCESSING)
 
 
+LOOP_REPEATS, LOOP_MAX_PERIOD = 3, 16  # a loop: 3 repeats of a cycle of at most 16 tokens
+
+
+def loop_start(
+    ids: Sequence[int], repeats: int = LOOP_REPEATS, max_period: int = LOOP_MAX_PERIOD
+) -> tuple[int, int] | None:
+    """(t, p) for the first t at which the last `repeats` × p of ids[:t] are one p-token cycle (the smallest such p);
+    None if the tokens never loop. The plain-Python reference of the decoder's vectorised check."""
+    for t in range(2, len(ids) + 1):
+        for p in range(1, max_period + 1):
+            if repeats * p <= t and all(ids[t - 1 - i] == ids[t - 1 - i - p] for i in range((repeats - 1) * p)):
+                return t, p
+    return None
+
+
+def fill_loop(ids: Sequence[int], length: int, stop_ids: Sequence[int] = ()) -> list[int]:
+    """A full greedy continuation as loop stopping makes it: up to its first loop (`loop_start`; the tokens before
+    its first stop token count), then the cycle repeated to `length` tokens; unchanged if it never loops."""
+    stops = set(stop_ids)
+    end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+    start = loop_start(ids[:end])
+    if start is None:
+        return list(ids)
+    t, p = start
+    return list(ids[:t]) + [ids[t - p + i % p] for i in range(length - t)]
+
+
+def looping_period(
+    tokens: torch.Tensor, count: int, repeats: int = LOOP_REPEATS, max_period: int = LOOP_MAX_PERIOD
+) -> torch.Tensor:
+    """(rows,) the smallest period p whose `repeats` cycles end the first `count` columns of tokens (rows, >= count),
+    0 where none does: `loop_start`'s test at t = count, for every row at once."""
+    period = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+    for p in range(min(max_period, count // repeats), 0, -1):  # descending, so the smallest p is written last
+        window = tokens[:, count - repeats * p : count]  # (rows, repeats p)
+        period[(window[:, p:] == window[:, :-p]).all(dim=1)] = p
+    return period
+
+
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """The tokens that end a response: the model's generation config's EOS id(s), else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -80,6 +125,7 @@ def greedy_decode(
     pad_id: int,
     hooks: Callable[[torch.Tensor], ContextManager],
     prefix: SharedPrefix | None = None,
+    stop_loops: bool = True,
 ) -> torch.Tensor:
     """Greedy continuations (rows, max_new_tokens) of padded prompts, `pad_id` after a row's stop token.
 
@@ -87,7 +133,9 @@ def greedy_decode(
     - a row that has produced a stop token leaves the batch (its KV cache rows are dropped), so later steps
       compute only the rows still running (many responses end well before `max_new_tokens`);
     - with `prefix`, the prompts' first columns run once per group of identical rows and their keys and values
-      are copied to every row of the group.
+      are copied to every row of the group;
+    - with `stop_loops`, a row that loops leaves the batch and its remaining columns repeat the cycle (module
+      docstring), so the result is `fill_loop` of each row's full greedy continuation.
     Padding may sit anywhere in a prompt (positions count its real tokens, as `generate` does for left padding).
     `hooks(rows)` returns the context manager (forward hooks) for the batch rows `rows` (indices into the
     batch), entered around every forward pass.
@@ -132,6 +180,12 @@ def greedy_decode(
         chosen = logits.argmax(-1)
         tokens[live, t] = chosen
         running = ~torch.isin(chosen, stops)
+        if stop_loops and t + 1 < max_new_tokens:
+            period = looping_period(tokens[live, : t + 1], t + 1) * running  # (live,) 0: not looping
+            for row, p in zip(live[period > 0].tolist(), period[period > 0].tolist()):
+                rest = max_new_tokens - t - 1  # fill columns t+1.. with the cycle of tokens[t+1-p : t+1]
+                tokens[row, t + 1 :] = tokens[row, t + 1 - p : t + 1].repeat((rest + p - 1) // p)[:rest]
+            running &= period == 0
         if not running.all():
             if not running.any():
                 break
@@ -183,6 +237,7 @@ def generate(
     row_context: Callable[[torch.Tensor], ContextManager] | None = None,
     system: str | None = None,
     positions: str = "all",
+    stop_loops: bool = True,
 ) -> list[str]:
     """Greedy responses to chat-templated user messages, all in one batched call (SDPA attention), optionally steered.
 
@@ -192,7 +247,7 @@ def generate(
     the per-row additions, so the responses are the same. `row_context(rows)`, if given, returns a context manager
     that is active while the batch rows `rows` (a tensor of indices) run, e.g. SADI's per-row scales for those
     rows. `system` is the system message (see `prompting.render_prompt`); `positions` where the additions apply (see
-    `steer`).
+    `steer`); `stop_loops` ends rows that loop (module docstring).
     """
     check_positions(positions)
     prompts = [render_prompt(tokenizer, m, system) for m in user_messages]
@@ -226,6 +281,8 @@ def generate(
                     num_beams=1,
                     pad_token_id=tokenizer.pad_token_id,
                 )[:, ids.shape[1] :]
+            if stop_loops:  # the same responses as the fast path's, without its saving
+                out = [fill_loop(row, max_new_tokens, stop_ids) for row in out.tolist()]
         else:
             piece = (
                 None
@@ -236,7 +293,9 @@ def generate(
                     prefix.steered,
                 )
             )
-            out = greedy_decode(model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id, hooks, piece)
+            out = greedy_decode(
+                model, ids, mask, max_new_tokens, stop_ids, tokenizer.pad_token_id, hooks, piece, stop_loops
+            )
         return tokenizer.batch_decode(out, skip_special_tokens=True)
 
     with attention_implementation(model, "sdpa"):
@@ -259,9 +318,10 @@ def generate_reference(
     max_new_tokens: int = 50,
     system: str | None = None,
     positions: str = "all",
+    stop_loops: bool = True,
 ) -> list[str]:
-    """`generate` the simple way, one `model.generate` call over every row: the reference the fast path is tested
-    and benchmarked against."""
+    """`generate` the simple way, one `model.generate` call over every row (loops, if `stop_loops`, filled in after
+    the full decode by `fill_loop`): the reference the fast path is tested and benchmarked against."""
     prompts = [render_prompt(tokenizer, m, system) for m in user_messages]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
@@ -273,7 +333,7 @@ def generate_reference(
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
         )
-    return [
-        clean_response(t)
-        for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    ]
+    out = out[:, batch["input_ids"].shape[1] :].tolist()
+    if stop_loops:
+        out = [fill_loop(row, max_new_tokens, stop_token_ids(model, tokenizer)) for row in out]
+    return [clean_response(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]

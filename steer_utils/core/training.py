@@ -195,15 +195,13 @@ def training_prompts(
     statements: Sequence[str],
     protocol: Protocol = ADOPTED,
     contrast: Sequence[str] = (),
-) -> tuple[list[EncodedPrompt], list[EncodedPrompt], list[EncodedPrompt]]:
+) -> tuple[list[EncodedPrompt], list[EncodedPrompt], list[list[EncodedPrompt]]]:
     """(prefixed, unprefixed, contrast) prompts a concept's vector trains on: the paired prompts with the protocol's
     system prompt, and the prefixed prompts of the `contrast` concepts (the notebooks: `protocol.contrast` class
-    neighbours, `experiments.data.neighbour_concepts`)."""
+    neighbours, `experiments.data.neighbour_concepts`), one list per contrast concept."""
     prefixed, plain = paired_prompts(tokenizer, concept_class, concept, list(statements), protocol.system)
     others = [
-        p
-        for other in contrast
-        for p in paired_prompts(tokenizer, concept_class, other, list(statements), protocol.system)[0]
+        paired_prompts(tokenizer, concept_class, other, list(statements), protocol.system)[0] for other in contrast
     ]
     return prefixed, plain, others
 
@@ -219,22 +217,33 @@ def concept_activations(
     batch_size: int = 16,
     extractor: Extractor = extract,
 ) -> ConceptActivations:
-    """The activations of one concept's training prompts (`training_prompts`), read at their shared tail."""
+    """The activations of one concept's training prompts (`training_prompts`), read at their shared tail.
+
+    A contrast concept's prompts are its own prefixed prompts, so they are extracted exactly as that concept's own
+    vector extracts them (same call, same options): with a caching `extractor`, a concept's prefixed activations
+    are computed once and serve its own vector and every neighbour's contrast.
+    """
     prefixed, plain, others = training_prompts(tokenizer, concept_class, concept, statements, protocol, contrast)
-    tail_ids = shared_tail(prefixed + plain + others)
+    tail_ids = shared_tail(prefixed + plain + [p for prompts in others for p in prompts])
     n_tail, pad = len(tail_ids), tokenizer.pad_token_id
 
     def run(prompts: list[EncodedPrompt], **options) -> Activations:
         return extractor(model, prompts, n_tail, pad, batch_size, **options)
 
+    def run_prefixed(prompts: list[EncodedPrompt], name: str) -> Activations:
+        return run(prompts, keep_user_attention=True, desc=f"extract {name}")
+
+    shared = [run_prefixed(prompts, other) for prompts, other in zip(others, contrast)]
     return ConceptActivations(
         concept_class,
         concept,
-        run(prefixed, keep_user_attention=True, desc=f"extract {concept}"),
+        run_prefixed(prefixed, concept),
         run(plain, desc="extract unprefixed"),
         tail_token_names(tokenizer, tail_ids),
         *user_layout(prefixed),
-        run(others, desc="extract contrast") if others else None,
+        Activations(torch.cat([a.hidden for a in shared]), torch.cat([a.attn_prefix for a in shared]))
+        if shared
+        else None,
     )
 
 

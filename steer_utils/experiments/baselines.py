@@ -101,11 +101,18 @@ def _rows(concept_class: str, concept: str, label: str, coefficients, questions,
 
 
 def prompting_grid(
-    model, tokenizer, concept_class: str, concept: str, questions: list[str], max_new_tokens: int = 50
+    model,
+    tokenizer,
+    concept_class: str,
+    concept: str,
+    questions: list[str],
+    max_new_tokens: int = 50,
+    stop_loops: bool = True,
 ) -> pd.DataFrame:
     """Unsteered answers to the questions with the concept prefix in the user prompt (coefficient 0)."""
     prefix = prompting.prefix_text(concept_class, concept)
-    responses = decoding.generate(model, tokenizer, [f"{prefix} {q}" for q in questions], None, max_new_tokens)
+    messages = [f"{prefix} {q}" for q in questions]
+    responses = decoding.generate(model, tokenizer, messages, None, max_new_tokens, stop_loops=stop_loops)
     return _rows(concept_class, concept, "prompting", [0.0], questions, responses)
 
 
@@ -151,6 +158,7 @@ def sadi_grid(
     grid: list[tuple[int, float]],
     masks: dict[int, torch.Tensor],
     max_new_tokens: int = 50,
+    stop_loops: bool = True,
 ) -> pd.DataFrame:
     """One SADI variant's (K, delta) grid × questions for one concept; `coefficient` = the point's rank."""
     site, where = SADI_VARIANTS[variant]
@@ -164,6 +172,7 @@ def sadi_grid(
         site,
         where,
         max_new_tokens,
+        stop_loops,
     )
     return _rows(
         concept_class,
@@ -224,6 +233,7 @@ def run_sadi(
                 grid,
                 masks_of_site,
                 context.max_new_tokens,
+                context.stop_loops,
             )
 
         variant_grids = [
@@ -274,7 +284,13 @@ def baseline_generations(
             "prompting",
             pipeline.steering_inputs(context, concept_class, concept, [0.0]),
             lambda: prompting_grid(
-                context.model, context.tokenizer, concept_class, concept, questions, context.max_new_tokens
+                context.model,
+                context.tokenizer,
+                concept_class,
+                concept,
+                questions,
+                context.max_new_tokens,
+                context.stop_loops,
             ),
         )
         settings = [training.Setting.parse(s) for s in VECTOR_METHODS.values()]
@@ -340,6 +356,7 @@ def cost_table(
     """Wall seconds per method for one concept, nothing cached: activations, fit, and generating its grid alone."""
     model, tokenizer, model_name, statements = context.model, context.tokenizer, context.model_name, context.statements
     questions, max_new_tokens, seed = context.questions[concept_class], context.max_new_tokens, context.seed
+    loops = context.stop_loops
     acts, extract_s = _timed(
         lambda: pipeline.concept_activations(
             model, tokenizer, model_name, concept_class, concept, statements, cached=False, protocol=protocol
@@ -353,7 +370,7 @@ def cost_table(
             "fit_s": 0.0,
             "n_generations": len(questions),
             "generate_s": _timed(
-                lambda: prompting_grid(model, tokenizer, concept_class, concept, questions, max_new_tokens)
+                lambda: prompting_grid(model, tokenizer, concept_class, concept, questions, max_new_tokens, loops)
             )[1],
         }
     ]
@@ -377,6 +394,7 @@ def cost_table(
                 max_new_tokens,
                 {method: scale},
                 protocol,
+                loops,
             )
         )[1]
         rows.append(
@@ -396,7 +414,9 @@ def cost_table(
             lambda: {k: sadi.sadi_mask(recorded["prefixed"][site], recorded["plain"][site], k) for k, _ in grid}
         )
         generate_s = _timed(
-            lambda: sadi_grid(model, tokenizer, concept_class, concept, questions, variant, grid, masks, max_new_tokens)
+            lambda: sadi_grid(
+                model, tokenizer, concept_class, concept, questions, variant, grid, masks, max_new_tokens, loops
+            )
         )[1]
         rows.append(
             {

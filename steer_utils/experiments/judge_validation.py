@@ -154,7 +154,9 @@ def steered_answers(
         for question in load_questions()[concept.concept_class][:n_questions]:
             for c in coefficients:
                 with vector.apply(model, c):
-                    answer = generate_reference(model, tokenizer, [question], max_new_tokens=max_new_tokens)[0]
+                    answer = generate_reference(  # decoded in full, as the labelled rounds were
+                        model, tokenizer, [question], max_new_tokens=max_new_tokens, stop_loops=False
+                    )[0]
                 rows.append(dict(concept._asdict(), question=question, coefficient=c, response=answer.strip()))
     return pd.DataFrame(rows)[["concept_class", "concept", "question", "coefficient", "response"]]
 

@@ -196,6 +196,7 @@ def run_concept(
             context.max_new_tokens,
             scales,
             protocol,
+            context.stop_loops,
         )
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)

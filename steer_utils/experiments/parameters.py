@@ -94,6 +94,12 @@ PARAMETERS = {
         "",
     ),
     "seed": ("a non-negative integer", lambda v: _is_int(v) and v >= 0, "-p seed 0", _NUMBER_HINT),
+    "stop_loops": (
+        "True or False",
+        lambda v: isinstance(v, bool),
+        "-p stop_loops False",
+        " (papermill reads -p stop_loops False as a boolean; quotes make it a string)",
+    ),
     "n_concepts_per_class": (
         "a positive integer or None (the profile's value)",
         _optional_size,

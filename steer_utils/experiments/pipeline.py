@@ -27,8 +27,9 @@ from ..core.vectors import ConceptVector, steering_additions
 from . import data, judge
 
 # Bump when token selection, labels, vector fitting, enrichment or steered generation change their results;
-# every generations/layers/baselines entry is then recomputed. 2: generation with SDPA attention.
-PIPELINE_VERSION = 2
+# every generations/layers/baselines entry is then recomputed. 2: generation with SDPA attention. 3: a contrast
+# concept's activations are its own prefixed extraction, shared (`training.concept_activations`).
+PIPELINE_VERSION = 3
 COEFFICIENTS = (0.015, 0.025, 0.035, 0.05)
 # The negative controls' setting names: a random direction with a vector's blocks and norms over the same grid, and
 # the unsteered answers (coefficient 0). Judged like any setting, they say how often the judge credits a concept
@@ -54,7 +55,8 @@ def tail_tokens(
     tokenizer, concept_class: str, concept: str, statements: list[str], protocol: Protocol = ADOPTED
 ) -> list[str]:
     """The tail tokens every training prompt of a concept shares (`ConceptActivations.tail`), by tokenising only."""
-    prompts = sum(training_prompts(tokenizer, concept_class, concept, statements, protocol), [])
+    prefixed, plain, others = training_prompts(tokenizer, concept_class, concept, statements, protocol)
+    prompts = prefixed + plain + [p for prompts in others for p in prompts]
     return prompting.tail_token_names(tokenizer, prompting.shared_tail(prompts))
 
 
@@ -115,6 +117,7 @@ class RunContext:
     max_new_tokens: int = 50
     seed: int = 0
     batch_size: int = 16  # prompts per extraction batch
+    stop_loops: bool = True  # end a response once it loops (`decoding.loop_start`); False decodes every token
 
     def activations(self, concept_class: str, concept: str, protocol: Protocol = ADOPTED) -> ConceptActivations:
         """`concept_activations` of one concept with this context's model, statements and batch size (cached)."""
@@ -153,11 +156,18 @@ def steering_inputs(context: RunContext, concept_class: str, concept: str, coeff
         coefficients=list(coefficients),
         max_new_tokens=context.max_new_tokens,
         seed=context.seed,
+        **decoding_inputs(context.stop_loops),
         **upstream_versions(
             {"extraction": extraction.EXTRACTION_VERSION, "pipeline": PIPELINE_VERSION},
             written_with={"extraction": 2, "pipeline": 2},
         ),
     )
+
+
+def decoding_inputs(stop_loops: bool) -> dict:
+    """The decoder's cache-key input: the loop rule when rows that loop are stopped; nothing when every token is
+    decoded, so those keys are the ones entries had before loop stopping existed."""
+    return {"loops": f"{decoding.LOOP_REPEATS}x{decoding.LOOP_MAX_PERIOD}"} if stop_loops else {}
 
 
 def generation_keys(
@@ -220,6 +230,7 @@ def run_concept(
             context.max_new_tokens,
             {k: multiplier for k in fitted},
             protocol,
+            context.stop_loops,
         )
         grid.insert(0, "concept", concept)
         grid.insert(0, "concept_class", concept_class)
@@ -253,11 +264,17 @@ def unsteered_answers(context: RunContext, concept_class: str, protocol: Protoco
         questions=list(questions),
         max_new_tokens=context.max_new_tokens,
         system=protocol.system,
+        **decoding_inputs(context.stop_loops),
     )
     path = entry_path("generations", key, ".unsteered.csv", context.model_name)
     if not path.exists():
         answers = decoding.generate(
-            context.model, context.tokenizer, questions, max_new_tokens=context.max_new_tokens, system=protocol.system
+            context.model,
+            context.tokenizer,
+            questions,
+            max_new_tokens=context.max_new_tokens,
+            system=protocol.system,
+            stop_loops=context.stop_loops,
         )
         table = pd.DataFrame({"question": questions, "response": answers})
         atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
@@ -305,6 +322,7 @@ def run_controls(
             context.max_new_tokens,
             {CONTROL_RANDOM: scale},
             protocol,
+            context.stop_loops,
         )
         atomic_write(path, lambda tmp: grid.to_csv(tmp, index=False))
     questions = context.questions[concept_class]
@@ -395,13 +413,14 @@ def generate_grid(
     max_new_tokens: int = 50,
     scales: dict[str, float] | None = None,
     protocol: Protocol = PAPER,
+    stop_loops: bool = True,
 ) -> pd.DataFrame:
     """Every (arm, coefficient, question) of one concept in one `generate` call; one row each.
 
     An arm is a named vector, steered at `blocks` (one list, or a list per arm) with the coefficient grid
     multiplied by the arm's `scales` entry (default 1); `coefficient` is the grid value before scaling. The
     `protocol` gives the apply-time rest: its system prompt and positions (its blocks and scaling are in `blocks`,
-    `scales` and the vectors, which differ per arm).
+    `scales` and the vectors, which differ per arm); `stop_loops` ends responses that loop (`decoding`).
     """
     rows, additions = grid_rows(vectors, coefficients, len(questions), blocks, scales)
     responses = generate(
@@ -412,6 +431,7 @@ def generate_grid(
         max_new_tokens,
         system=protocol.system,
         positions=protocol.positions,
+        stop_loops=stop_loops,
     )
     return pd.DataFrame(
         {

@@ -278,6 +278,7 @@ def generate_sadi(
     site: str,
     positions: str,
     max_new_tokens: int = 50,
+    stop_loops: bool = True,
 ) -> list[str]:
     """Greedy responses in one batched call, row r steered by SADI with masks[r] and deltas[r]."""
     if not len(user_messages) == len(masks) == len(deltas):
@@ -291,4 +292,6 @@ def generate_sadi(
         return intervene(model, {b: s[rows.cpu()] for b, s in scales.items()}, site, positions)
 
     with _left_padding(tokenizer):
-        return decoding.generate(model, tokenizer, user_messages, None, max_new_tokens, row_context=rows_scaled)
+        return decoding.generate(
+            model, tokenizer, user_messages, None, max_new_tokens, row_context=rows_scaled, stop_loops=stop_loops
+        )

@@ -250,7 +250,9 @@ def prompting(context: pipeline.RunContext, sample: pd.DataFrame, grader) -> pd.
         for q, text in enumerate(context.questions[r.concept_class])
     ]
     messages = [f"{prefix_text(c, x)} {text}" for c, x, _, text in rows]
-    responses = decoding.generate(context.model, context.tokenizer, messages, None, context.max_new_tokens)
+    responses = decoding.generate(
+        context.model, context.tokenizer, messages, None, context.max_new_tokens, stop_loops=context.stop_loops
+    )
     table = pd.DataFrame(rows, columns=["concept_class", "concept", "question_id", "question"])
     return judge.score_generations(
         grader,

@@ -45,7 +45,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..cache import cache_dir, write_csv
-from ..core import decoding, extraction, models, prompting, training, vectors
+from ..core import decoding, models, prompting, training, vectors
 from ..core.extraction import extract, extract_reference, find_blocks
 from ..core.protocol import ADOPTED, default_blocks
 from ..core.resources import registered_hooks
@@ -140,25 +140,36 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     statements = data.load_statements(n=max(counts))
     questions = data.load_questions()[CONCEPT[0]][:5]
     n_blocks = len(find_blocks(model))
-    extract_s, fit_s, test_s, examples = [], [], [], []
+    extract_s, own_s, fit_s, test_s, examples = [], [], [], [], []
+    contrast = pipeline.contrast_concepts(*CONCEPT, ADOPTED)
     for n in counts:
-        prefixed, plain, contrast = pipeline.training_prompts(tokenizer, *CONCEPT, statements[:n], ADOPTED)
-        n_tail, pad = len(prompting.shared_tail(prefixed + plain + contrast)), tokenizer.pad_token_id
-        start = time.perf_counter()
-        pre = extract(model, prefixed, n_tail, pad, keep_user_attention=True)
-        negatives = extract(model, contrast, n_tail, pad) if contrast else None
-        extract_s.append(time.perf_counter() - start)
-        acts = training.ConceptActivations(
-            *CONCEPT,
-            pre,
-            extract(model, plain, n_tail, pad),
-            ["t"] * n_tail,
-            *extraction.user_layout(prefixed),
-            negatives,
+        seconds: dict[str, float] = {}  # extraction seconds by the call's progress label
+
+        def timed(model, prompts, *args, desc: str = "extract", **options):
+            start = time.perf_counter()
+            acts = extract(model, prompts, *args, desc=desc, **options)
+            seconds[desc] = seconds.get(desc, 0.0) + time.perf_counter() - start
+            return acts
+
+        acts = training.concept_activations(
+            model, tokenizer, *CONCEPT, statements[:n], ADOPTED, contrast, extractor=timed
         )
-        examples.append(len(prefixed) + len(plain) + len(contrast))
+        own = seconds[f"extract {CONCEPT[1]}"]  # the concept's prefixed prompts; the unprefixed ones: once per model
+        own_s.append(own)
+        extract_s.append(own + sum(seconds[f"extract {other}"] for other in contrast))
+        examples.append(n * (2 + len(contrast)))
         fit_s.append(_seconds(lambda: pipeline.fit_setting(acts, training.Setting.parse("attention-soft-rfm"), name)))
         test_s.append(_seconds(lambda: layers.concept_enrichment(acts)))
+    for n, full, own in zip(counts, extract_s, own_s):
+        table.add(
+            "contrast sharing",
+            name,
+            "extraction time saved",
+            100 * (1 - own / full),
+            "%",
+            f"{n} statements: a concept's prefixed prompts alone ({own:.1f} s) against them and its "
+            f"{len(contrast)} contrast concepts' ({full:.1f} s), which a run shares once those concepts are extracted",
+        )
     for stage, seconds in (
         ("extract (prefixed + contrast prompts)", extract_s),
         ("fit one setting, all blocks", fit_s),
@@ -210,7 +221,7 @@ def bench_stages(table: Table, name: str, model, tokenizer, counts: tuple[int, .
     return {
         "counts": counts,
         "examples": examples,
-        "extract": extract_s,
+        "extract": own_s,  # per concept in a run, where its contrast concepts' activations are shared
         "fit": fit_s,
         "generate": generate_s,
         "judge": judge_s,
@@ -322,6 +333,13 @@ def bench_generation(
     table.add("generation", name, "speed-up", ref_s / ours_s, "x", note)
     table.add(
         "generation", name, "identical responses", 100 * np.mean([a == b for a, b in zip(reference, ours)]), "%", note
+    )
+    start = time.perf_counter()
+    full = decoding.generate(model, tokenizer, messages, additions, max_new_tokens, stop_loops=False)
+    full_s = time.perf_counter() - start
+    table.add("loop stopping", name, "generation time saved", 100 * (1 - ours_s / full_s), "%", note)
+    table.add(
+        "loop stopping", name, "responses changed", 100 * np.mean([a != b for a, b in zip(full, ours)]), "%", note
     )
     with FlopCounterMode(display=False) as counter:
         decoding.generate(model, tokenizer, messages, additions, max_new_tokens)
@@ -523,20 +541,11 @@ def notebook_times(table: Table, name: str) -> dict[str, float]:
     return times
 
 
-def loop_start(ids: list[int], repeats: int = 3, max_period: int = 16) -> tuple[int, int] | None:
-    """(t, p) for the first step t at which the last `repeats` × p tokens are one p-token cycle (p <= max_period):
-    where a decoder could stop a looping row and fill the rest by repeating the cycle; None if it never loops."""
-    for t in range(2, len(ids) + 1):
-        for p in range(1, max_period + 1):
-            if repeats * p <= t and all(ids[t - 1 - i] == ids[t - 1 - i - p] for i in range((repeats - 1) * p)):
-                return t, p
-    return None
-
-
 def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new_tokens: int = 50) -> None:
-    """What stopping looping rows would save, from notebook 01's committed responses (no generation): the share of
-    rows that loop before the token limit, how many decoding row-steps stopping them saves, how often filling the
-    rest with the cycle gives exactly the text the model generated and (with a `grader`) the same judge score."""
+    """What stopping looping rows (`decoding.fill_loop`) changes in notebook 01's committed responses, where they
+    were decoded in full (no generation): the share of rows that loop before the token limit, how many decoding
+    row-steps stopping them saves, how often the cycle fill is exactly the text the model generated and (with a
+    `grader`) how often its judge score is the same."""
     path = RESULTS_DIR / model_slug(name) / "01_generations.csv"
     if not path.is_file():
         return
@@ -544,12 +553,11 @@ def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new
     looped, exact, saved, changed = 0, 0, 0, []
     for row in rows.itertuples():
         ids = tokenizer(row.response, add_special_tokens=False).input_ids[:max_new_tokens]
-        start = loop_start(ids) if len(ids) == max_new_tokens else None  # rows that ended stop anyway
+        start = decoding.loop_start(ids) if len(ids) == max_new_tokens else None  # rows that ended stop anyway
         if start is None:
             continue
-        t, p = start
-        filled = ids[:t] + [ids[t - p + i % p] for i in range(max_new_tokens - t)]
-        looped, saved = looped + 1, saved + max_new_tokens - t
+        filled = decoding.fill_loop(ids, max_new_tokens)
+        looped, saved = looped + 1, saved + max_new_tokens - start[0]
         exact += filled == ids
         if filled != ids and grader is not None:
             changed.append(row._replace(response=tokenizer.decode(filled)))
@@ -655,8 +663,8 @@ def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
         "01 full profile",
         n_concepts * per_concept / 3600,
         "h",
-        f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s, "
-        f"fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; "
+        f"{n_concepts} concepts x {per_concept:.0f} s ({n_statements} statements: extract {extract_s:.0f} s "
+        f"(contrast shared), fit {fit_s:.0f} s, generate {costs['generate']:.0f} s, judge {costs['judge']:.0f} s; "
         f"{'fit: the measured capped fit' if capped else 'power-law fits'}; protocol {ADOPTED.name})",
     )
 

@@ -105,6 +105,49 @@ def test_greedy_decode_pads_after_the_stop_token(sharp):
         assert (stopped[row, end:] == tokenizer.pad_token_id).all()
 
 
+def test_loop_start_finds_the_first_step_a_cycle_repeats_three_times():
+    assert decoding.loop_start([1, 2, 3, 4, 5, 6, 7]) is None
+    assert decoding.loop_start([5, 1, 2, 1, 2, 1, 2, 9]) == (7, 2)
+    assert decoding.loop_start([9, 9, 9, 9]) == (3, 1)
+    assert decoding.loop_start([1, 2, 1, 2], repeats=2) == (4, 2)
+
+
+def test_fill_loop_repeats_the_cycle_and_ignores_what_follows_a_stop_token():
+    assert decoding.fill_loop([5, 1, 2, 1, 2, 1, 2, 9, 9, 9], 10) == [5, 1, 2, 1, 2, 1, 2, 1, 2, 1]
+    assert decoding.fill_loop([1, 2, 3, 4], 4) == [1, 2, 3, 4]
+    assert decoding.fill_loop([4, 0, 0, 0, 0], 5, stop_ids=[0]) == [4, 0, 0, 0, 0]  # ended: no loop after it
+    assert decoding.fill_loop([7, 7, 7, 0, 0], 5, stop_ids=[0]) == [7, 7, 7, 7, 7]  # looped before the stop
+
+
+def test_looping_period_is_loop_starts_test_for_every_row_at_once():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3, (400, 20), generator=generator)  # 3 symbols: many short cycles
+    for count in range(1, 21):
+        period = decoding.looping_period(tokens, count).tolist()
+        for row, ids in enumerate(tokens[:, :count].tolist()):
+            first = decoding.loop_start(ids)
+            if first is not None and first[0] == count:  # the first loop ends here: the same period
+                assert period[row] == first[1]
+            if first is None:  # no loop up to here, so none ends here
+                assert period[row] == 0
+    assert decoding.looping_period(torch.tensor([[4, 4, 4], [4, 5, 4]]), 3).tolist() == [1, 0]
+
+
+def test_stopping_loops_gives_the_full_decode_with_its_first_loop_filled(sharp):
+    model, tokenizer, info = sharp
+    messages, additions = grid_rows(info, coefficients=(0.0, 0.5, 2.0, 8.0))
+    batch = tokenizer(messages, return_tensors="pt", padding=True, add_special_tokens=False)
+    hooks = lambda rows: nullcontext()  # noqa: E731
+    args = (model, batch.input_ids, batch.attention_mask, 30, [], tokenizer.pad_token_id, hooks)
+    full = decoding.greedy_decode(*args, stop_loops=False)
+    stopped = decoding.greedy_decode(*args, stop_loops=True)
+    assert [decoding.fill_loop(row, 30) for row in full.tolist()] == stopped.tolist()
+    assert any(decoding.loop_start(row) for row in full.tolist())  # some rows loop, so the rule was exercised
+    fast = decoding.generate(model, tokenizer, messages, additions, max_new_tokens=30)
+    assert fast == decoding.generate_reference(model, tokenizer, messages, additions, max_new_tokens=30)
+    assert fast != decoding.generate(model, tokenizer, messages, additions, max_new_tokens=30, stop_loops=False)
+
+
 def test_sadi_rows_keep_their_own_scales_in_the_fast_decoder(sharp):
     model, tokenizer, info = sharp
     torch.manual_seed(0)

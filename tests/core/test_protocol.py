@@ -115,6 +115,28 @@ def test_answer_positions_steer_only_the_last_prompt_token_and_decoding_steps(ti
             pass
 
 
+def test_contrast_concepts_share_their_own_prefixed_activations(tiny, tmp_cache, monkeypatch):
+    model, tokenizer, _ = tiny
+    for other in data.neighbour_concepts("moods", "Cheerful", 2):  # the neighbours' own vectors ran first
+        pipeline.concept_activations(model, tokenizer, "tiny", "moods", other, STATEMENTS, protocol=PAPER)
+    computed = []
+    extract = pipeline.extract
+    monkeypatch.setattr(
+        pipeline, "extract", lambda m, prompts, *a, **o: computed.append(len(prompts)) or extract(m, prompts, *a, **o)
+    )
+    shared = pipeline.concept_activations(
+        model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, protocol=Protocol(contrast=2)
+    )
+    assert computed == [len(STATEMENTS)]  # only its own prefixed prompts: the rest is in the neighbours' entries
+    fresh = pipeline.concept_activations(
+        model, tokenizer, "tiny", "moods", "Cheerful", STATEMENTS, cached=False, protocol=Protocol(contrast=2)
+    )
+    assert torch.equal(shared.contrast.hidden, fresh.contrast.hidden)
+    setting = training.Setting.parse("attention-soft-rfm")
+    a, b = training.fit(shared, setting, "tiny")[0], training.fit(fresh, setting, "tiny")[0]
+    assert all(torch.equal(a.directions[k], b.directions[k]) and a.norms[k] == b.norms[k] for k in a.directions)
+
+
 def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_cache):
     model, tokenizer, info = tiny
     acts = pipeline.concept_activations(
@@ -123,9 +145,7 @@ def test_contrast_adds_other_concepts_prefixed_prompts_as_negatives(tiny, tmp_ca
     assert acts.contrast.hidden.shape == (2 * len(STATEMENTS), *acts.prefixed.hidden.shape[1:])
     others = data.neighbour_concepts("moods", "Cheerful", 2)
     first_other = pipeline.concept_activations(model, tokenizer, "tiny", "moods", others[0], STATEMENTS)
-    torch.testing.assert_close(
-        acts.contrast.hidden[: len(STATEMENTS)], first_other.prefixed.hidden, atol=1e-5, rtol=1e-5
-    )
+    assert torch.equal(acts.contrast.hidden[: len(STATEMENTS)], first_other.prefixed.hidden)  # the same extraction
     features, y, is_prefixed, chosen = training.training_set(acts, training.Setting.parse("attention-soft-rfm"))
     n = len(STATEMENTS)
     assert features.shape[0] == 4 * n and y.shape == (4 * n, info.n_blocks)

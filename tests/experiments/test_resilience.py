@@ -96,6 +96,7 @@ def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monke
         max_new_tokens=5,
         seed=0,
         protocol=PAPER,
+        stop_loops=False,
     )
 
     def generation_keys(
@@ -111,14 +112,16 @@ def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monke
         max_new_tokens,
         seed,
         protocol,
+        stop_loops,
     ):
         context = pipeline.RunContext(
-            model, None, model_name, statements, {concept_class: questions}, max_new_tokens, seed
+            model, None, model_name, statements, {concept_class: questions}, max_new_tokens, seed, stop_loops=stop_loops
         )
         return pipeline.generation_keys(context, concept_class, concept, settings, coefficients, blocks, protocol)
 
     key = generation_keys(**base)["attention-soft-rfm"]
-    # The key is the one the existing cache was written with (adding the upstream versions invalidated nothing).
+    # The inputs the first cache entries were written with, plus the code versions once they moved on (decoding every
+    # token is what the decoder did before loop stopping, so it adds nothing).
     old_inputs = dict(
         model="tiny",
         dtype="torch.float32",
@@ -130,7 +133,11 @@ def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monke
         seed=0,
         blocks=[1],
     )
-    assert key == cache.cache_key("generations", 2, setting="attention-soft-rfm", **old_inputs)
+    upstream = {"extraction": extraction.EXTRACTION_VERSION, "pipeline": pipeline.PIPELINE_VERSION}
+    expected = cache.cache_key(
+        "generations", pipeline.PIPELINE_VERSION, setting="attention-soft-rfm", **old_inputs, upstream=upstream
+    )
+    assert key == expected
     changes = dict(
         model_name="other",
         concept_class="fears",
@@ -143,6 +150,7 @@ def test_generation_keys_cover_every_input_and_upstream_code_version(tiny, monke
         max_new_tokens=6,
         seed=1,
         model=torch.nn.Linear(2, 2).to(torch.bfloat16),
+        stop_loops=True,
     )
     keys = {name: next(iter(generation_keys(**(base | {name: value})).values())) for name, value in changes.items()}
     for name, version in (("EXTRACTION_VERSION", extraction), ("PIPELINE_VERSION", pipeline)):

@@ -29,13 +29,6 @@ def test_extraction_section_on_a_tiny_model(tiny_model_dir):
     assert (frame.value > 0).all() and set(frame.section) == {"extraction"}
 
 
-def test_loop_start_finds_the_first_step_a_cycle_repeats_three_times():
-    assert bench.loop_start([1, 2, 3, 4, 5, 6, 7]) is None
-    assert bench.loop_start([5, 1, 2, 1, 2, 1, 2, 9]) == (7, 2)
-    assert bench.loop_start([9, 9, 9, 9]) == (3, 1)
-    assert bench.loop_start([1, 2, 1, 2], repeats=2) == (4, 2)
-
-
 def test_loop_stopping_measures_saved_steps_and_exact_fills(tmp_path, monkeypatch):
     class Chars:  # one token per character
         def __call__(self, text, add_special_tokens=False):
