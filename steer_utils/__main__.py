@@ -100,7 +100,7 @@ def run_steer(args: argparse.Namespace, out=None) -> None:
     concept_class, name = api.parse_concept(args.concept)
     statements = api.resolve_statements(args.statements)  # the first N bundled ones
     training.Setting.parse(args.setting)
-    chosen = protocol.resolve_protocol(args.protocol)  # its positions and system prompt apply when generating too
+    chosen = protocol.resolve_protocol(args.protocol)  # the vector records it: apply and generate follow it
     model, tokenizer, info = api.load_model(args.model, dtype=args.dtype, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -123,11 +123,11 @@ def run_steer(args: argparse.Namespace, out=None) -> None:
         file=out,
     )
     print(f"Question: {args.question}\n", file=out)
-    unsteered = api.generate(model, tokenizer, args.question, args.max_new_tokens, system=chosen.system)
+    unsteered = api.generate(model, tokenizer, args.question, args.max_new_tokens, protocol=vector)
     print(f"== unsteered ==\n{unsteered}\n", file=out)
     for coefficient in args.coefficients:
         with vector.apply(model, coefficient):  # at the positions of the protocol the vector records
-            answer = api.generate(model, tokenizer, args.question, args.max_new_tokens, system=chosen.system)
+            answer = api.generate(model, tokenizer, args.question, args.max_new_tokens, protocol=vector)
         print(f"== steered, coefficient {coefficient:g} ==\n{answer}\n", file=out)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .core import decoding, prompting, training
 from .core.models import load_model
-from .core.protocol import Protocol, resolve_protocol
+from .core.protocol import ADOPTED, Protocol, resolve_protocol
 from .core.vectors import ConceptVector
 from .experiments import data, pipeline
 from .experiments.profiles import PROFILES
@@ -101,8 +101,8 @@ def train_concept_vector(
     The vector holds the protocol's steered blocks only (every block but the first for ADOPTED), its norms are what
     the coefficient multiplies (the block norms, mean_norm's mean, times the protocol's eps multiplier).
     cache=True reads and writes the activations in the disk cache, keyed by `model_name` (then required).
-    The vector records its protocol (`vector.protocol`, saved with it): `apply` steers at its positions; pass its
-    system prompt to `generate` (`system=vector.protocol.system`; ADOPTED's is the default there).
+    The vector records its protocol (`vector.protocol`, saved with it): `apply` steers at its positions, and
+    `generate(..., protocol=vector)` asks under its system prompt.
     """
     concept_class, name = parse_concept(concept)
     training.Setting.parse(setting)  # a bad setting fails before any extraction
@@ -138,11 +138,18 @@ def train_concept_vector(
 
 
 def generate(
-    model, tokenizer, question: str, max_new_tokens: int = 50, system: str | None = None, stop_loops: bool = True
+    model,
+    tokenizer,
+    question: str,
+    max_new_tokens: int = 50,
+    protocol: Protocol | ConceptVector | str | None = None,
+    stop_loops: bool = True,
 ) -> str:
     """The model's greedy answer to one chat-templated question, steered by any active `ConceptVector.apply`.
 
-    system: the system message (None: the chat template's default, as the adopted protocol trains with).
+    protocol: whose system prompt frames the question: a vector (the protocol it was trained under), a `Protocol`, its
+    name, or None for `protocol.ADOPTED` (the chat template's default system prompt). Pass the vector you apply, so
+    the answer is asked as its training prompts were.
     stop_loops: once the answer repeats a short cycle three times, repeat it to the end instead of decoding on, as the
     notebooks do (`core.decoding`); False decodes every token.
     """
@@ -150,7 +157,10 @@ def generate(
         raise ValueError(f"question must be a non-empty string, got {question!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if isinstance(protocol, ConceptVector):
+        protocol = protocol.protocol or ADOPTED  # a vector made without one: the default
+    protocol = protocol if isinstance(protocol, Protocol) else resolve_protocol(protocol)
     # One `model.generate` call over the whole prompt, so an active positions='answer' `apply` steers only the answer.
     return decoding.generate_reference(
-        model, tokenizer, [question], max_new_tokens=max_new_tokens, system=system, stop_loops=stop_loops
+        model, tokenizer, [question], max_new_tokens=max_new_tokens, system=protocol.system, stop_loops=stop_loops
     )[0]

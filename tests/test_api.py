@@ -111,6 +111,19 @@ def test_apply_steers_exactly_like_the_pipeline(tiny, api_vector, pipeline_vecto
     assert api.generate(model, tokenizer, QUESTION, max_new_tokens=8) != expected  # hooks gone: unsteered again
 
 
+def test_generate_asks_under_the_system_prompt_of_the_vector_or_protocol_given(tiny, api_vector, monkeypatch):
+    model, tokenizer, _ = tiny
+    asked = []
+    monkeypatch.setattr(decoding, "generate_reference", lambda *args, system, **kwargs: asked.append(system) or ["a"])
+    neutral = Protocol(system_prompt="neutral")
+    trained_neutral = ConceptVector(
+        api_vector.directions, api_vector.norms, dict(api_vector.metadata, protocol=neutral.name)
+    )
+    for protocol in (None, api_vector, neutral, "system_prompt=neutral", trained_neutral):
+        api.generate(model, tokenizer, QUESTION, max_new_tokens=8, protocol=protocol)
+    assert asked == [None, None, neutral.system, neutral.system, neutral.system] and neutral.system
+
+
 def test_apply_answer_positions_matches_the_pipeline(tiny, api_vector, pipeline_vector):
     model, tokenizer, _ = tiny
     additions = vectors.steering_additions([pipeline_vector], [COEFFICIENT], [1])

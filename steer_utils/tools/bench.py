@@ -490,7 +490,8 @@ def bench_rfm(table: Table, name: str, d: int, sizes: tuple[int, ...]) -> None:
 
 _RSS_SCRIPT = """
 import resource, sys
-from steer_utils import data, models, pipeline, profiles
+from steer_utils.core import models, training
+from steer_utils.experiments import data, pipeline, profiles
 name, settings = sys.argv[1], sys.argv[2:]
 p = profiles.resolve_profile("default")
 model, tokenizer, _ = models.load_model(name)

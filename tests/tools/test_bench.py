@@ -174,3 +174,26 @@ def test_stage_section_under_the_adopted_protocol_with_the_rfm_cap(tiny_model_di
     assert 0 <= cap["|cosine| capped vs uncapped"] <= 1 + 1e-6
     bench.project_full(table, "tiny", costs)
     assert "the measured capped fit" in table.frame().query("section == 'projection'").note.iloc[0]
+
+
+def test_peak_rss_script_binds_every_name_it_uses():
+    """The fresh process's script is a string, so no import check sees it: every name it reads must be imported,
+    assigned or a builtin, and every module it imports must exist."""
+    import ast
+    import builtins
+    import importlib
+
+    tree = ast.parse(bench._RSS_SCRIPT)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}")
+                bound.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert read <= bound, read - bound
