@@ -8,7 +8,7 @@ Notebooks in `notebooks/` only call these and plot. The public API, in five line
     model, tokenizer, _ = load_model("smollm2-135m")
     vector = train_concept_vector(model, tokenizer, "fears/heights")
     with vector.apply(model, 0.035):
-        print(generate(model, tokenizer, "What should I do this weekend?"))
+        print(generate(model, tokenizer, "What should I do this weekend?", protocol=vector))
 
 The API names load lazily (PEP 562), so `import steer_utils.cache` and `python -m steer_utils.cache` start without
 torch.

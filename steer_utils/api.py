@@ -4,7 +4,7 @@
     model, tokenizer, _ = load_model("smollm2-135m")
     vector = train_concept_vector(model, tokenizer, "fears/heights")
     with vector.apply(model, 0.035):
-        print(generate(model, tokenizer, "What should I do this weekend?"))
+        print(generate(model, tokenizer, "What should I do this weekend?", protocol=vector))
 
 `train_concept_vector` checks its inputs, picks the contrast concepts and the cache, and calls `core.training.train`:
 the notebooks' own fit under the adopted protocol, restricted to the blocks that protocol steers and scaled as it

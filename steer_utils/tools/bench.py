@@ -52,7 +52,7 @@ from ..core.resources import registered_hooks
 from ..experiments import data, evaluation, judge, layers, pipeline, plots
 from ..experiments.judge_validation import stored_generations
 from ..experiments.llm_judge import JUDGE_MODEL, Calibration, gate_mask
-from ..paths import FIGURES_DIR, RESULTS_DIR, ROOT, model_slug
+from ..paths import FIGURES_DIR, JUDGE_CALIBRATION_FILE, RESULTS_DIR, ROOT, model_slug
 
 SETTINGS = (training.PRIOR, training.HARD, training.OURS)  # notebook 01's grid
 CONCEPT = ("moods", "cheerful")
@@ -632,13 +632,16 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
 
 
 def bench_judge_bf16(table: Table) -> None:
-    """bf16 against fp32 for the calibrated LLM judge on every hand-labelled case: equal verdicts, the largest P(yes)
-    difference, and each precision's kappa on the generated rounds' test halves (native bf16 only)."""
+    """bf16 against fp32 for the LLM judge on every hand-labelled case, both under the committed verdict rule (the
+    calibration chosen in bf16): equal verdicts, the largest P(yes) difference, and each precision's kappa on the
+    generated rounds' test halves (native bf16 only)."""
     if not models.cpu_has_fast_bf16():
         return
     cases = judge.load_cases()
+    rule = Calibration.load(JUDGE_CALIBRATION_FILE)  # else fp32 falls back to P(yes) > 0.5, a different rule
     scored = {
-        dtype: judge.judge_cases(judge.load_judge("llm", dtype=dtype), cases) for dtype in ("float32", "bfloat16")
+        dtype: judge.judge_cases(judge.load_judge("llm", dtype=dtype, calibration=rule), cases)
+        for dtype in ("float32", "bfloat16")
     }
     fp32, bf16 = scored["float32"], scored["bfloat16"]
     note = f"{len(cases)} hand-labelled cases"
