@@ -181,7 +181,8 @@ def greedy_decode(
         tokens[live, t] = chosen
         running = ~torch.isin(chosen, stops)
         if stop_loops and t + 1 < max_new_tokens:
-            period = looping_period(tokens[live, : t + 1], t + 1) * running  # (live,) 0: not looping
+            recent = min(t + 1, LOOP_REPEATS * LOOP_MAX_PERIOD)  # the columns the longest cycle's test reads
+            period = looping_period(tokens[live, t + 1 - recent : t + 1], recent) * running  # (live,) 0: no loop
             for row, p in zip(live[period > 0].tolist(), period[period > 0].tolist()):
                 rest = max_new_tokens - t - 1  # fill columns t+1.. with the cycle of tokens[t+1-p : t+1]
                 tokens[row, t + 1 :] = tokens[row, t + 1 - p : t + 1].repeat((rest + p - 1) // p)[:rest]

@@ -138,11 +138,12 @@ def test_stopping_loops_gives_the_full_decode_with_its_first_loop_filled(sharp):
     messages, additions = grid_rows(info, coefficients=(0.0, 0.5, 2.0, 8.0))
     batch = tokenizer(messages, return_tensors="pt", padding=True, add_special_tokens=False)
     hooks = lambda rows: nullcontext()  # noqa: E731
-    args = (model, batch.input_ids, batch.attention_mask, 30, [], tokenizer.pad_token_id, hooks)
-    full = decoding.greedy_decode(*args, stop_loops=False)
-    stopped = decoding.greedy_decode(*args, stop_loops=True)
-    assert [decoding.fill_loop(row, 30) for row in full.tolist()] == stopped.tolist()
-    assert any(decoding.loop_start(row) for row in full.tolist())  # some rows loop, so the rule was exercised
+    for length in (30, 70):  # 70: past the 48 columns the longest cycle's test reads
+        args = (model, batch.input_ids, batch.attention_mask, length, [], tokenizer.pad_token_id, hooks)
+        full = decoding.greedy_decode(*args, stop_loops=False)
+        stopped = decoding.greedy_decode(*args, stop_loops=True)
+        assert [decoding.fill_loop(row, length) for row in full.tolist()] == stopped.tolist()
+        assert any(decoding.loop_start(row) for row in full.tolist())  # some rows loop, so the rule was exercised
     fast = decoding.generate(model, tokenizer, messages, additions, max_new_tokens=30)
     assert fast == decoding.generate_reference(model, tokenizer, messages, additions, max_new_tokens=30)
     assert fast != decoding.generate(model, tokenizer, messages, additions, max_new_tokens=30, stop_loops=False)
