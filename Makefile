@@ -104,7 +104,7 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
-all: judge $(NB_NAMES) report ## `judge`, every numbered notebook for each model in MODELS with PROFILE (04 once, over all MODELS), `report`
+all: judge $(PER_MODEL) $(CROSS_MODEL) report ## `judge`, every numbered notebook for each model in MODELS with PROFILE, then 04 once over all MODELS, `report`
 
 $(PER_MODEL): %: $(STAMP)
 	$(SHARD_CHECK)

@@ -25,6 +25,47 @@ FIGURES_DIR = Path(os.environ.get("STEER_FIGURES_DIR", ROOT / "figures"))
 CACHE_DIR = Path(os.environ.get("STEER_CACHE_DIR", ROOT / "cache"))
 
 
+# Every results table, by the notebook that writes it: results/<model>/[<variant>/]<name> (04's: results/<name>).
+# The notebooks, `tools.report`, `experiments.scaling` and `tools.inputs` name tables from here (a test checks it).
+TABLES: dict[str, tuple[str, ...]] = {
+    "00_data_prep": ("data_summary.csv",),
+    "01_token_selection": (
+        "01_generations.csv", "01_fits.csv", "01_steerability.csv", "01_steerability_per_question.csv",
+        "01_paired_tests.csv", "01_examples.csv", "01_strip.csv",
+    ),
+    "02_soft_vs_hard_labels": (
+        "02_generations.csv", "02_steerability_labels.csv", "02_paired_tests.csv", "02_statement_sweep.csv",
+        "02_methods.csv", "02_eps_sweep.csv",
+    ),
+    "03_layer_enrichment": (
+        "03_enrichment.csv", "03_enrichment_by_class.csv", "03_top_blocks.csv", "03_generations.csv",
+        "03_steerability.csv", "03_paired_tests.csv",
+    ),
+    "04_multi_model_scaling": (
+        "04_models.csv", "04_scaling_curve.csv", "04_comparisons.csv", "04_prior_vs_ours.csv",
+        "04_soft_label_gain.csv", "04_enrichment_depth.csv", "04_working_eps.csv",
+    ),
+    "05_baselines": (
+        "05_sadi_tuning.csv", "05_generations.csv", "05_steerability.csv", "05_paired_tests.csv", "05_costs.csv",
+    ),
+    "06_steering_protocol": (
+        "06_separation.csv", "06_concept_logprob.csv", "06_generations.csv", "06_prompting.csv", "06_factors.csv",
+        "06_grid.csv", "06_response_profile.csv", "06_choice.csv", "06_bound.csv", "06_confirmed.csv", "06_strip.csv",
+    ),
+    "07_working_window": (
+        "07_block_norms.csv", "07_generations.csv", "07_responses.csv", "07_window.csv", "07_strip.csv",
+    ),
+}  # fmt: skip
+
+
+def producer(table: str) -> str:
+    """The notebook that writes a results table (`TABLES`), e.g. '01_steerability.csv' -> '01_token_selection'."""
+    for notebook, names in TABLES.items():
+        if table in names:
+            return notebook
+    raise KeyError(f"'{table}' is not a results table; the known ones are listed in paths.TABLES.")
+
+
 def model_slug(model: str) -> str:
     """A folder name for a model name, HF id or local path ("meta-llama/X" -> "meta-llama--X")."""
     return model.strip().rstrip("/").replace("\\", "/").replace("/", "--").lstrip(".-") or "model"

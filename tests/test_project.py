@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import platform
+import re
 import subprocess
 
 import pandas as pd
@@ -80,6 +81,7 @@ def test_makefile_passes_dtype_to_the_notebooks_that_load_a_model():
         "03_layer_enrichment",
         "05_baselines",
         "06_steering_protocol",
+        "07_working_window",
     }
     assert len(commands) == len(NOTEBOOKS)  # 00 and 04 run too, without a dtype
     assert "-p dtype auto" in _dry_run("01_token_selection", "MODELS=m").stdout  # the default
@@ -91,9 +93,10 @@ def test_versions_are_written(tmp_path):
     versions = pd.read_csv(provenance.write_versions(tmp_path)).set_index("package").version
     assert versions["torch"] == torch.__version__ and versions["python"] == platform.python_version()
     assert versions["transformers"] != "not installed" and "dtype" not in versions  # no model given
-    info = models.ModelInfo("m", "src", 2, 8, 2, "float32", "cpu", "native")
+    info = models.ModelInfo("m", "src", 2, 8, 2, "float32", "cpu", "native", n_parameters=1234)
     versions = pd.read_csv(provenance.write_versions(tmp_path, info)).set_index("package").version
     assert (versions["dtype"], versions["device"]) == ("float32", "cpu") and "bf16)" in versions["cpu"]
+    assert versions["n_parameters"] == "1234"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -129,3 +132,27 @@ def test_a_notebook_names_the_results_it_needs_before_it_starts(tmp_path, monkey
     )
     assert out.returncode != 0 and "run `make 00_data_prep MODELS=org/new` first." in out.stderr
     assert "run `make 01_token_selection MODELS=org/new` first." in out.stderr and "papermill" not in out.stdout
+
+
+TABLE_NAME = re.compile(r"[\"'/]((?:\d\d_[a-z0-9_]+|data_summary)\.csv)[\"']")
+
+
+def test_every_results_table_is_named_once_in_the_registry():
+    """`paths.TABLES` lists exactly what each notebook writes, and every table the report, notebook 04's backend
+    and the input checks read is one of them (so a new notebook adds its tables in one place)."""
+    assert [p.stem for p in NOTEBOOKS] == list(paths.TABLES)
+    registered = {name for names in paths.TABLES.values() for name in names}
+    assert len(registered) == sum(len(names) for names in paths.TABLES.values())  # one writer each
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        source = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        written = set(re.findall(r"(?:out_dir|results_out) / \"([^\"]+\.csv)\"", source))
+        assert written == set(paths.TABLES[path.stem]), path.stem
+        assert set(TABLE_NAME.findall(source)) <= registered, path.stem
+    readers = ["steer_utils/tools/report.py", "steer_utils/experiments/scaling.py", "steer_utils/tools/inputs.py"]
+    read = {name for reader in readers for name in TABLE_NAME.findall((ROOT / reader).read_text())}
+    assert read and read <= registered, sorted(read - registered)
+    assert {name for names in inputs.NOTEBOOK_INPUTS.values() for name in names} <= registered
+    assert paths.producer("07_window.csv") == "07_working_window"
+    with pytest.raises(KeyError, match="'08_x.csv' is not a results table"):
+        paths.producer("08_x.csv")

@@ -63,6 +63,7 @@ class ModelInfo:
     dtype: str
     device: str
     chat_template: str  # "native" (the tokenizer's own) or "plain" (PLAIN_CHAT_TEMPLATE)
+    n_parameters: int = 0  # weights of the loaded model (tied embeddings once); 0 where not known
 
     @property
     def has_chat_template(self) -> bool:
@@ -485,6 +486,7 @@ def load_model(name: str, dtype: str | torch.dtype = "auto", device: str = "auto
         dtype=str(torch_dtype).removeprefix("torch."),
         device=str(next(model.parameters()).device),
         chat_template=template_kind(tokenizer),
+        n_parameters=sum(p.numel() for p in model.parameters()),
     )
     return model, tokenizer, info
 

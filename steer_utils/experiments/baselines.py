@@ -6,7 +6,7 @@ Methods (the `method` column of the generations; `setting` holds a vector method
 - `prior`: fixed token + hard labels + RFM (notebook 01's `fixed-hard-rfm`);
 - `ours`: attention-guided token + soft labels + RFM, steered through the block set chosen from notebook 03;
 - `sadi-{head|hidden}-{last|all}`: SADI (`sadi.py`), faithful (last prompt token) and adapted (all positions).
-Vector methods share the coefficient grid (`pipeline.COEFFICIENTS`); a SADI variant's grid is a list of (K, delta)
+Vector methods share the coefficient grid (`RunContext.coefficients`); a SADI variant's grid is a list of (K, delta)
 points tuned on held-out concepts, as many as the coefficient grid has, with `coefficient` = the tuning rank
 (1 = best). Every (concept, method) is cached like notebook 01's generations; a cached grid labels its rows in a
 column named `setting` (`pipeline.GRID_LABEL`), which the tables rename to `method` or `variant`.
@@ -323,9 +323,7 @@ def with_controls(
         first = rows.iloc[0]
         # `blocks` is "2 3 14" (read back as a number when one block is steered: 2, or 2.0 beside NaN rows)
         blocks, scale = [int(float(b)) for b in str(first.blocks).split()], float(first.eps) / float(first.coefficient)
-        controls = pipeline.run_controls(
-            context, concept_class, concept, first.setting, pipeline.COEFFICIENTS, blocks, scale, protocol
-        )
+        controls = pipeline.run_controls(context, concept_class, concept, first.setting, None, blocks, scale, protocol)
         steered = controls.setting == pipeline.CONTROL_RANDOM
         parts.append(
             controls.assign(
@@ -362,7 +360,7 @@ def cost_table(
             model, tokenizer, model_name, concept_class, concept, statements, cached=False, protocol=protocol
         )
     )
-    coefficients = list(pipeline.COEFFICIENTS)
+    coefficients = list(context.coefficients)
     rows = [
         {
             "method": "prompting",

@@ -280,6 +280,11 @@ The paper's judge is GPT-4o; ours is offline. Two judges share one API (`experim
 **Held out, on the real responses' test halves ({n_real} cases):** {_summary(rows)}. Targets: kappa ≥ 0.7,
 precision ≥ 0.8, recall ≥ 0.6.
 
+**Answers in another language.** The rubric asks whether the answer takes on the concept and says nothing about
+language, so an on-concept answer in Chinese to an English question is judged on-concept (steered models drift into
+another language at high eps). Notebook 07 reports steerability both ways (`window.COUNTINGS`: as judged, and with
+answers mostly outside the Latin script counted as not steered) and chooses a model's window on the stricter count.
+
 The committed steering tables in `results/` still carry the embedding judge's verdicts; until they are re-judged
 (`make rejudge` asks the LLM judge about every stored response its gate lets through, into a memo that a stopped run
 resumes from; `make bench`'s judge section gives the cost), read them with the embedding judge's precision below.

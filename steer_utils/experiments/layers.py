@@ -19,7 +19,7 @@ from ..core.extraction import user_layout
 from ..core.protocol import ADOPTED, Protocol, default_blocks
 from ..core.training import OURS, ConceptActivations, Setting
 from . import evaluation, judge, pipeline
-from .pipeline import COEFFICIENTS, PIPELINE_VERSION, RunContext, fit_setting, for_each_concept, steering_inputs
+from .pipeline import PIPELINE_VERSION, RunContext, fit_setting, for_each_concept, steering_inputs
 
 FRACTIONS = (0.25, 0.5)  # shares of the steerable blocks kept by top/bottom/random-k selection
 # The enrichment test's options and their defaults; they enter the cache key of `run_concept` (omitted and explicit
@@ -147,7 +147,7 @@ def run_concept(
     setting: str = OURS,
     fractions=FRACTIONS,
     n_random: int = 3,
-    coefficients=COEFFICIENTS,
+    coefficients=None,
     protocol: Protocol = ADOPTED,
     **enrichment_kwargs,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -157,8 +157,10 @@ def run_concept(
     A set of k blocks gets the coefficient grid scaled by (#steerable / k), so every set injects about the
     same total shift into the residual stream as steering all blocks (`eps` column = the applied value).
     Returns (generations: one row per block set × coefficient × question, `block_set` naming the set with its
-    draw suffix ('random-25%-d1') and `setting` the vector's; enrichment: one row per block).
+    draw suffix ('random-25%-d1') and `setting` the vector's; enrichment: one row per block). `coefficients`
+    defaults to the context's grid.
     """
+    coefficients = context.coefficients if coefficients is None else coefficients
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
     if protocol.blocks != "all":

@@ -118,6 +118,7 @@ class RunContext:
     seed: int = 0
     batch_size: int = 16  # prompts per extraction batch
     stop_loops: bool = True  # end a response once it loops (`decoding.loop_start`); False decodes every token
+    coefficients: tuple[float, ...] = COEFFICIENTS  # the eps grid steered over: a model's window (notebook 07)
 
     def activations(self, concept_class: str, concept: str, protocol: Protocol = ADOPTED) -> ConceptActivations:
         """`concept_activations` of one concept with this context's model, statements and batch size (cached)."""
@@ -175,14 +176,16 @@ def generation_keys(
     concept_class: str,
     concept: str,
     settings: list[Setting],
-    coefficients=COEFFICIENTS,
+    coefficients=None,
     blocks=None,
     protocol: Protocol = ADOPTED,
 ) -> dict[str, str]:
     """The cache key of each setting's generations for one concept (`run_concept`'s entries), by setting name.
 
     The protocol enters the key only where it differs from the paper's, so the paper protocol's keys are unchanged.
+    `coefficients` defaults to the context's grid.
     """
+    coefficients = context.coefficients if coefficients is None else coefficients
     if blocks is None:
         blocks = protocol.steered_blocks(len(steering.find_blocks(context.model)))[0]
     blocks = list(blocks)
@@ -196,7 +199,7 @@ def run_concept(
     concept_class: str,
     concept: str,
     settings: list[Setting],
-    coefficients=COEFFICIENTS,
+    coefficients=None,
     blocks=None,
     protocol: Protocol = ADOPTED,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -206,8 +209,10 @@ def run_concept(
     safetensors with its metadata), so notebooks that share a setting share its generations; the
     settings not cached yet are generated together in one batched call. `blocks` (default: the protocol's)
     overrides the steered blocks; the protocol's eps multiplier applies either way (`eps` column).
+    `coefficients` defaults to the context's grid.
     Returns (generations: one row per setting × coefficient × question, fits: one row per setting × block).
     """
+    coefficients = context.coefficients if coefficients is None else coefficients
     if not len(coefficients):
         raise ValueError("The coefficient grid is empty; give at least one coefficient.")
     model, name = context.model, context.model_name
@@ -286,7 +291,7 @@ def run_controls(
     concept_class: str,
     concept: str,
     setting: str = OURS,
-    coefficients=COEFFICIENTS,
+    coefficients=None,
     blocks=None,
     scale: float | None = None,
     protocol: Protocol = ADOPTED,
@@ -294,7 +299,8 @@ def run_controls(
     """Both negative controls of one concept's `setting` vector, one row per control × coefficient × question:
     CONTROL_RANDOM, a seeded random unit direction per block with the vector's norms, steered like the vector (same
     grid, `blocks` and `scale`, default the protocol's), and CONTROL_UNSTEERED, the unsteered answers (coefficient 0).
-    The random direction's generations are cached per concept."""
+    The random direction's generations are cached per concept; `coefficients` defaults to the context's grid."""
+    coefficients = context.coefficients if coefficients is None else coefficients
     default_blocks, multiplier = protocol.steered_blocks(len(steering.find_blocks(context.model)))
     blocks = default_blocks if blocks is None else [int(b) for b in blocks]
     scale = multiplier if scale is None else float(scale)

@@ -240,6 +240,44 @@ def plot_models_steerability(table, settings: list[str], title: str = "") -> plt
     return fig
 
 
+def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
+    """Notebook 04: steerability against parameter count, one panel per class and one over all, one line per setting
+    (the negative controls dashed) with 95% bootstrap CIs; `reference` rows are drawn as labelled star marks."""
+    classes = [c for c in dict.fromkeys(curve.concept_class) if c != "all"] + ["all"]
+    settings = list(dict.fromkeys(curve.setting))
+    palette = dict(zip(settings, sns.color_palette("deep", len(settings))))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharex=True, sharey=True)
+    for ax, concept_class in zip(axes.flat, classes):
+        for setting in settings:
+            rows = curve[(curve.concept_class == concept_class) & (curve.setting == setting)]
+            control = setting.startswith("control")
+            ax.errorbar(
+                rows.n_parameters,
+                rows.steerability,
+                yerr=[rows.steerability - rows.ci_low, rows.ci_high - rows.steerability],
+                fmt="o--" if control else "o-",
+                color="0.55" if control and setting.endswith("unsteered") else palette[setting],
+                capsize=2,
+                markersize=4,
+                label=setting,
+            )
+        if reference is not None:
+            mark = reference[reference.concept_class == concept_class]
+            ax.plot(mark.n_parameters, mark.steerability, "*", color="black", markersize=10, label=None)
+        ax.set_xscale("log")
+        ax.set(title=concept_class, ylim=(-0.02, 1.02), xlabel="parameters", ylabel="steerability")
+    for ax in axes.flat[len(classes) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if reference is not None:
+        handles.append(plt.Line2D([], [], marker="*", color="black", ls="", markersize=10))
+        labels.append(reference.label.iloc[0])
+    fig.legend(handles, labels, loc="lower center", ncols=3, fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_soft_label_gain(gain) -> plt.Figure:
     """Soft minus hard label steerability per class and model, with paired-bootstrap 95% CIs."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -372,6 +410,25 @@ def plot_response_profile(profile, arms: list[str]) -> plt.Figure:
             sns.lineplot(rows, x="coefficient", y=value, hue="arm", marker="o", seed=0, ax=ax)
         ax.set(xlabel="eps (grid value)", ylabel=label, ylim=(0, 1.05 if value == "repetitive" else None))
         ax.legend(fontsize=6, title=None)
+    return fig
+
+
+def plot_working_window(responses, window: tuple[float, ...], title: str = "") -> plt.Figure:
+    """Notebook 07: the share judged on-concept, kept by the coherence gate and in another language against eps,
+    for the vector and its random control (the unsteered answers at eps 0); the chosen window shaded."""
+    long = responses.melt(
+        id_vars=["arm", "coefficient"], value_vars=["on_concept", "coherent", "other_language"], var_name="share"
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharex=True)
+    for ax, (share, label) in zip(
+        axes, [("on_concept", "judged on-concept"), ("coherent", "kept by the coherence gate"),
+               ("other_language", "in another script")]
+    ):  # fmt: skip
+        sns.lineplot(long[long.share == share], x="coefficient", y="value", hue="arm", marker="o", seed=0, ax=ax)
+        ax.axvspan(min(window), max(window), color="0.9", zorder=0)
+        ax.set(xlabel="eps (relative to block norm)", ylabel=f"share {label}", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=6, title=None)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 

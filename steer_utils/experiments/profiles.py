@@ -22,6 +22,8 @@ class Profile:
     sadi_deltas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # ... scalings a' = a + delta * a
     study_concepts_per_class: int = 4  # development concepts per class in the protocol study (06; at most 4)
     study_coefficients: tuple[float, ...] = (0.01, 0.015, 0.02, 0.025, 0.035, 0.05)  # its shared eps grid (06)
+    window_concepts_per_class: int = 4  # development concepts per class the working window is found on (07)
+    window_coefficients: tuple[float, ...] = (0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1)  # its wide eps grid (07)
 
     def as_dict(self) -> dict:
         """Plain dict, for tables."""
@@ -43,6 +45,8 @@ PROFILES = {
         sadi_deltas=(1.0, 5.0),
         study_concepts_per_class=1,
         study_coefficients=(0.015, 0.035),
+        window_concepts_per_class=1,
+        window_coefficients=(0.015, 0.035, 0.05, 0.1),
     ),
     "default": Profile(
         "default",

@@ -1,8 +1,9 @@
 """Compare models from their results folders (notebook 04): nothing here loads a model.
 
-Each model's notebooks 01-03 write tidy tables into `results/<model>/`; these functions stack one table
-over models (with a `model` column) and reduce it to what the scaling comparison plots: the prior method
-vs ours per class, the soft-label gain, enrichment over normalised depth and the coefficients that worked.
+Each model's notebooks 01-03 (and 05) write tidy tables into `results/<model>/`; these functions stack one table
+over models (with a `model` column) and reduce it to what the scaling comparison plots: steerability against model
+size beside its negative controls and the published reference, the paper's four comparisons per model, the prior
+method vs ours per class, the soft-label gain, enrichment over normalised depth and the coefficients that worked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,25 @@ from .. import paths
 from ..core.training import HARD, OURS, PRIOR
 from . import evaluation
 from .pipeline import CONTROLS
+
+# The prior method's published steerability on Llama-3.1-8B-Instruct (neural controllers, arXiv 2502.03708, Fig. 4:
+# RFM, fixed token, hard labels, the best of its own coefficient grid, judged by GPT-4o). A reference mark only:
+# another model, judge and grid than ours.
+REFERENCE_LABEL = "prior method, Llama-3.1-8B (published; GPT-4o judge, its own grid)"
+REFERENCE_PARAMETERS = 8.03e9
+REFERENCE = {"fears": 0.103, "places": 0.213, "personas": 0.594, "experts": 0.551, "moods": 0.990, "all": 0.490}
+# The paper's four comparisons, each a paired test a notebook already made (its `NN_paired_tests.csv`):
+# (name, notebook, compared column, a, b); the difference is b − a.
+COMPARISONS = (
+    ("attention-selected vs fixed token", "01_token_selection", "setting", PRIOR, HARD),
+    ("soft vs hard labels", "01_token_selection", "setting", HARD, OURS),
+    ("top vs bottom enrichment blocks", "03_layer_enrichment", "block_set", "bottom-25%", "top-25%"),
+    ("ours vs prior", "05_baselines", "method", "prior", "ours"),
+    ("ours vs SADI (heads, last token)", "05_baselines", "method", "sadi-head-last", "ours"),
+    ("ours vs SADI (MLP, all positions)", "05_baselines", "method", "sadi-hidden-all", "ours"),
+    ("ours vs prompting", "05_baselines", "method", "prompting", "ours"),
+)
+PAIRED_KEEP = ["protocol", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "p_mcnemar", "n_concepts"]
 
 
 def result_models(name: str = "01_steerability.csv", results_root: Path | None = None, variant: str = "") -> list[str]:
@@ -143,3 +163,55 @@ def working_coefficients(generations: pd.DataFrame, setting: str = OURS) -> pd.D
             )
         )
     return pd.concat(parts, ignore_index=True)
+
+
+def model_sizes(versions: pd.DataFrame) -> pd.Series:
+    """model -> parameter count, from the stacked `versions.csv` of each model's results (notebook 01 writes it)."""
+    rows = versions[versions.package == "n_parameters"].set_index("model").version.astype(int)
+    missing = sorted(set(versions.model) - set(rows[rows > 0].index))
+    if missing:
+        raise ValueError(
+            f"results/{missing[0]}/versions.csv does not record the model's size (written before sizes were); "
+            f"rerun `make 01_token_selection MODELS={missing[0]}`."
+        )
+    return rows.rename("n_parameters")
+
+
+def scaling_curve(
+    steerability: pd.DataFrame, sizes: pd.Series, settings: tuple[str, ...] = (PRIOR, OURS, *CONTROLS)
+) -> pd.DataFrame:
+    """Notebook 01's steerability rows of `settings` (with the negative controls) and each model's size, smallest
+    model first: the points of the scaling curve, per protocol and class."""
+    rows = prior_vs_ours(steerability, settings).join(sizes, on="model")
+    return rows.sort_values(["n_parameters", "protocol"], kind="stable").reset_index(drop=True)
+
+
+def reference_marks() -> pd.DataFrame:
+    """The published prior-method points (`REFERENCE`) as rows: class, steerability, size and label."""
+    return pd.DataFrame(
+        {
+            "concept_class": list(REFERENCE),
+            "steerability": list(REFERENCE.values()),
+            "n_parameters": REFERENCE_PARAMETERS,
+            "label": REFERENCE_LABEL,
+        }
+    )
+
+
+def paper_comparisons(models: list[str], results_root: Path | None = None, variant: str = "") -> pd.DataFrame:
+    """The paper's four comparisons for each model, over all classes, both protocols: one row per (model,
+    comparison, protocol) from the notebooks' paired tests (b − a, 95% CI, exact McNemar p). A comparison whose
+    notebook has not run for a model is a row with `missing` naming the make command."""
+    root = Path(results_root or paths.RESULTS_DIR)
+    rows = []
+    for model in [paths.model_slug(m) for m in models]:
+        for name, notebook, column, a, b in COMPARISONS:
+            row = {"model": model, "comparison": name, "a": a, "b": b}
+            path = root / model / variant / f"{notebook[:2]}_paired_tests.csv"
+            if not path.is_file():
+                rows.append(row | {"missing": f"make {notebook} MODELS={model}"})
+                continue
+            table = pd.read_csv(path)
+            hit = table[(table[f"{column}_a"] == a) & (table[f"{column}_b"] == b) & (table.concept_class == "all")]
+            rows += [row | {k: record[k] for k in PAIRED_KEEP} | {"missing": ""} for record in hit.to_dict("records")]
+    return pd.DataFrame(rows)

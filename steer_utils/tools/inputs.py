@@ -5,18 +5,18 @@ from __future__ import annotations
 from .. import paths
 from ..core.protocol import output_variant, resolve_protocol
 
-# What a notebook reads from other notebooks' results, per model: file in results/<model>/ -> the notebook that
-# writes it. Numbered files sit in the protocol's folder (results/<model>/<variant>/), notebook 00's at the top.
+# What a notebook reads from other notebooks' results, per model (the writer of each: `paths.producer`). Numbered
+# files sit in the protocol's folder (results/<model>/<variant>/), notebook 00's at the top.
 NOTEBOOK_INPUTS = {
-    "04_multi_model_scaling": {
-        "data_summary.csv": "00_data_prep",
-        "01_steerability.csv": "01_token_selection",
-        "01_generations.csv": "01_token_selection",
-        "01_fits.csv": "01_token_selection",
-        "01_paired_tests.csv": "01_token_selection",
-        "03_enrichment.csv": "03_layer_enrichment",
-    },
-    "05_baselines": {"03_steerability.csv": "03_layer_enrichment"},
+    "04_multi_model_scaling": (
+        "data_summary.csv",
+        "01_steerability.csv",
+        "01_generations.csv",
+        "01_fits.csv",
+        "01_paired_tests.csv",
+        "03_enrichment.csv",
+    ),
+    "05_baselines": ("03_steerability.csv",),
 }
 
 
@@ -25,10 +25,10 @@ def missing_inputs(notebook: str, models: list[str], variant: str = "", make_opt
     (with `make_options`, e.g. 'PROTOCOL=paper')."""
     lines = []
     for model in models:
-        for name, producer in NOTEBOOK_INPUTS.get(notebook, {}).items():
+        for name in NOTEBOOK_INPUTS.get(notebook, ()):
             path = paths.RESULTS_DIR / paths.model_slug(model) / (variant if name[:2].isdigit() else "") / name
             if not path.is_file():
-                command = " ".join(filter(None, ("make", producer, f"MODELS={model}", make_options)))
+                command = " ".join(filter(None, ("make", paths.producer(name), f"MODELS={model}", make_options)))
                 lines.append(f"{notebook} needs {path}; run `{command}` first.")
     return lines
 

@@ -48,14 +48,15 @@ def write_versions(folder: Path, info=None) -> Path:
     """Write `versions.csv` (package, version) into a results folder; returns its path.
 
     With the loaded model's `ModelInfo` it also records the precision and device the results were computed in
-    (`dtype`, `device`) and the CPU, since bf16 and fp32 runs give different numbers.
+    (`dtype`, `device`) and the CPU, since bf16 and fp32 runs give different numbers, and its size
+    (`n_parameters`, the x axis of notebook 04's scaling curve).
     """
     from ..core.models import cpu_name  # imports torch: only when a results folder records its machine
 
     frame = package_versions()
     extra = {"platform": f"{sys.platform}-{platform.machine()}", "cpu": cpu_name()}
     if info is not None:
-        extra |= {"dtype": info.dtype, "device": info.device}
+        extra |= {"dtype": info.dtype, "device": info.device, "n_parameters": str(info.n_parameters)}
     for package, version in extra.items():
         frame.loc[len(frame)] = {"package": package, "version": version}
     return write_csv(frame, Path(folder) / "versions.csv")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -28,14 +29,7 @@ DEFAULT_OUT = paths.ROOT / "docs" / "results.md"
 # and `make report` (and a test) say when the tables have changed since.
 FINDINGS = paths.ROOT / "docs" / "findings.md"
 DIGEST_LINE = "Read against the results with digest "
-NOTEBOOKS = {
-    "01": "01_token_selection",
-    "02": "02_soft_vs_hard_labels",
-    "03": "03_layer_enrichment",
-    "04": "04_multi_model_scaling",
-    "05": "05_baselines",
-    "06": "06_steering_protocol",
-}
+NOTEBOOKS = {name[:2]: name for name in paths.TABLES}  # "01" -> "01_token_selection"
 MINUS = "\u2212"
 
 
@@ -528,11 +522,75 @@ def _notebook06(page: Page, model: str) -> None:
     page.figure(f"{model}/fig06_window.png", "response profile along the grid")
 
 
+WINDOW_ARMS = ("attention-soft-rfm", "control-random")  # notebook 07's vector and its random control
+
+
+def _notebook07(page: Page, model: str) -> None:
+    windows = page.read(f"{model}/07_window.csv")
+    if windows is None:
+        page.missing("07", model)
+        return
+    page.add("### Notebook 07: the working window (development split)")
+    rows = []
+    for (window, counting), part in windows.groupby(["window", "counting"], sort=False):
+        cells = {(r.arm, r.protocol): ci(r.steerability, r.ci_low, r.ci_high) for r in part.itertuples()}
+        rows.append(
+            [part.coefficients.iloc[0], counting]
+            + [cells.get(key, "") for key in itertools.product(WINDOW_ARMS, ("held_out", "best_of_grid"))]
+        )
+    page.add(
+        "Each window of 4 consecutive eps of the wide grid, scored from the same generations, for the vector and "
+        "its random-direction control; an on-concept answer in another script counted or not (`07_window.csv`):",
+        table(
+            ["eps", "counting", "ours held-out", "ours best-of-grid", "control held-out", "control best-of-grid"],
+            rows,
+            "llrrrr",
+        ),  # fmt: skip
+    )
+    norms = page.read(f"{model}/07_block_norms.csv")
+    if norms is not None:
+        steered = norms[norms.block > 0]
+        page.add(
+            f"The 4 largest dimensions carry {num(steered.top_share.min())}-{num(steered.top_share.max())} of a "
+            "steered block's squared hidden-state norm at the training prompts' tail tokens (`07_block_norms.csv`)."
+        )
+    page.figure(f"{model}/fig07_window.png", "on-concept, coherent and other-script shares along the wide grid")
+
+
 def _notebook04(page: Page) -> None:
     prior = page.read("04_prior_vs_ours.csv")
     if prior is None:
         page.missing("04")
         return
+    curve = page.read("04_scaling_curve.csv")
+    if curve is not None:
+        page.figure("fig04_scaling_best_of_grid.png", "steerability against model size")
+        part = curve[curve.concept_class == "all"]
+        settings = ordered(part.setting)
+        rows = []
+        for (model, protocol), group in part.groupby(["model", "protocol"], sort=False):
+            g = group.set_index("setting")
+            rows.append(
+                [model, f"{group.n_parameters.iloc[0] / 1e6:.0f}M", protocol.replace("_", "-")]
+                + [ci(*g.loc[s, ["steerability", "ci_low", "ci_high"]]) if s in g.index else "" for s in settings]
+            )
+        page.add(
+            "Steerability against model size, beside the negative controls (`04_scaling_curve.csv`); the "
+            "prior method's published Llama-3.1-8B point (GPT-4o judge, its own grid) is 0.49 overall:",
+            table(["model", "parameters", "protocol"] + settings, rows, "lrl" + "r" * len(settings)),
+        )
+    comparisons = page.read("04_comparisons.csv")
+    if comparisons is not None:
+        ran = comparisons[comparisons.missing.fillna("") == ""]
+        rows = [
+            [r.model, r.comparison, r.protocol.replace("_", "-"), ci(r.diff, r.ci_low, r.ci_high, sign=True),
+             pval(r.p_mcnemar)]
+            for r in ran.itertuples()
+        ]  # fmt: skip
+        page.add(
+            "The paper's four comparisons per model, b − a paired over the same concepts (`04_comparisons.csv`):",
+            table(["model", "comparison", "protocol", "b − a [95% CI]", "McNemar p"], rows, "lllrr"),
+        )
     page.figure("fig04_prior_vs_ours_best_of_grid.png", "prior vs ours across models")
     models = page.read("04_models.csv")
     if models is not None:
@@ -636,6 +694,7 @@ def render(
         _notebook03(page, model)
         _notebook05(page, model)
         _notebook06(page, model)
+        _notebook07(page, model)
     page.add("## Across models (notebook 04)")
     _notebook04(page)
     page.add(

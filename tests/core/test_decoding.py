@@ -177,12 +177,20 @@ def test_logits_processing_in_the_generation_config_is_applied(sharp):
     assert penalised != decoding.generate(model, tokenizer, messages, additions, max_new_tokens=8)
 
 
+@pytest.fixture(scope="module", params=["smollm2-135m", "qwen2.5-coder-0.5b"])
+def bundled_fp32(request):
+    """A bundled model in fp32 and its typical block norm (the scale eps multiplies: results/<model>/07_block_norms)."""
+    return models.load_model(request.param, dtype="float32"), {"smollm2-135m": 150.0, "qwen2.5-coder-0.5b": 30.0}[
+        request.param
+    ]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("positions", ["all", "answer"])
-def test_fast_generation_matches_model_generate_on_smollm2(positions):
-    model, tokenizer, info = models.load_model("smollm2-135m", dtype="float32")
+def test_fast_generation_matches_model_generate_on_bundled_models(bundled_fp32, positions):
+    (model, tokenizer, info), norm = bundled_fp32
     vector = random_vector(info)
-    vector = vectors.ConceptVector(vector.directions, {b: 150.0 for b in vector.directions})  # SmolLM2's norm scale
+    vector = vectors.ConceptVector(vector.directions, {b: norm for b in vector.directions})
     questions = ["What is your favourite place?", "How do you spend a rainy day?"]
     coefficients = (0.0, 0.05, 0.2)
     messages = [q for _ in coefficients for q in questions]

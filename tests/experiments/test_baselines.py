@@ -266,3 +266,41 @@ def test_baseline_figure_has_a_bar_and_a_paired_panel_per_protocol():
     assert rows["prompting"] > rows["prior"]  # first comparison on top
     assert [t.get_text() for t in fig.legends[0].get_texts()] == methods
     assert diffs.get_xlabel() == "ours − method (steerability)"
+
+
+def test_scaling_curve_orders_models_by_size_and_needs_their_sizes(tmp_path):
+    results_tree(tmp_path, ["big", "small"])
+    steerability = scaling.collect("01_steerability.csv", results_root=tmp_path)
+    versions = pd.DataFrame(
+        {"model": ["big", "big", "small"], "package": ["torch", "n_parameters", "n_parameters"],
+         "version": ["2", "1500", "135"]}
+    )  # fmt: skip
+    curve = scaling.scaling_curve(steerability, scaling.model_sizes(versions))
+    assert curve.model.unique().tolist() == ["small", "big"] and curve.n_parameters.unique().tolist() == [135, 1500]
+    assert set(curve.setting) == {"fixed-hard-rfm", "attention-soft-rfm"}  # controls kept when a table has them
+    with pytest.raises(ValueError, match=r"results/old/versions.csv .* rerun `make 01_token_selection MODELS=old`"):
+        old = pd.DataFrame({"model": ["old"], "package": ["torch"], "version": "2"})
+        scaling.model_sizes(pd.concat([versions, old]))
+    marks = scaling.reference_marks()
+    assert marks.set_index("concept_class").steerability["all"] == 0.49 and (marks.n_parameters > 1e9).all()
+
+
+def test_paper_comparisons_read_each_notebooks_paired_tests_and_name_the_missing(tmp_path):
+    paired = dict(concept_class="all", protocol="best_of_grid", mean_a=0.1, mean_b=0.3, diff=0.2, ci_low=0.0,
+                  ci_high=0.4, p_mcnemar=0.5, n_concepts=4)  # fmt: skip
+    folder = tmp_path / "m"
+    folder.mkdir()
+    pd.DataFrame(
+        [dict(paired, setting_a="fixed-hard-rfm", setting_b="attention-hard-rfm"),
+         dict(paired, setting_a="attention-hard-rfm", setting_b="attention-soft-rfm", diff=0.1),
+         dict(paired, setting_a="attention-hard-rfm", setting_b="attention-soft-rfm", concept_class="moods")]
+    ).to_csv(folder / "01_paired_tests.csv", index=False)  # fmt: skip
+    pd.DataFrame([dict(paired, block_set_a="bottom-25%", block_set_b="top-25%", diff=-0.1)]).to_csv(
+        folder / "03_paired_tests.csv", index=False
+    )
+    table = scaling.paper_comparisons(["m"], results_root=tmp_path).set_index("comparison")
+    assert table.loc["soft vs hard labels", "diff"] == 0.1  # the all-classes row only
+    assert table.loc["top vs bottom enrichment blocks", "diff"] == -0.1
+    ran = table[table.missing == ""]
+    assert len(ran) == 3 and set(table.index) == {name for name, *_ in scaling.COMPARISONS}
+    assert (table[table.missing != ""].missing == "make 05_baselines MODELS=m").all()

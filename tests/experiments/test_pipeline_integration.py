@@ -9,6 +9,7 @@ import torch
 from steer_utils import paths
 from steer_utils.core import models, training, vectors
 from steer_utils.experiments import data, evaluation, judge, pipeline
+from tests.experiments.test_pipeline_units import assert_fast_path_matches_reference
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,11 @@ def test_attention_selection_differs_from_fixed_on_a_real_model(smollm2, tmp_pat
 
 
 def test_fast_extraction_matches_the_reference_loop_on_smollm2(smollm2):
-    from tests.experiments.test_pipeline_units import assert_fast_path_matches_reference
-
     model, tokenizer, _ = smollm2
     assert_fast_path_matches_reference(model, tokenizer, "places", "Paris", data.load_statements(n=16), batch_size=8)
+
+
+def test_fast_extraction_matches_the_reference_loop_on_qwen():
+    """Qwen's template (a default system turn, ChatML) goes through the same code as the other models'."""
+    model, tokenizer, _ = models.load_model("qwen2.5-coder-0.5b", dtype="float32")
+    assert_fast_path_matches_reference(model, tokenizer, "moods", "Cheerful", data.load_statements(n=8), batch_size=4)
