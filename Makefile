@@ -56,6 +56,8 @@ RUN_SUFFIX := $(if $(strip $(PROTOCOL)),-protocol-$(strip $(PROTOCOL)))
 PROTOCOL_OPT = $(if $(strip $(PROTOCOL)), --protocol '$(strip $(PROTOCOL))')
 
 PAPERMILL = $(BIN)/papermill --kernel $(KERNEL) --cwd notebooks --no-progress-bar
+# Writes an executed notebook's papermill duration into its results folder's durations.csv.
+RECORD_DURATION = $(BIN)/python -m steer_utils.tools.provenance duration
 # Stops a notebook before it starts when another notebook's results it reads are missing, naming the make command.
 CHECK_INPUTS = $(BIN)/python -m steer_utils.tools.inputs check-inputs
 # In a recipe's loop over MODELS: slug = the model's folder name under runs/ and results/ (as paths.model_slug).
@@ -112,7 +114,8 @@ $(PER_MODEL): %: $(STAMP)
 	@for m in $(MODELS); do \
 		$(SLUG); mkdir -p $(dir $(RUN_PATH)); \
 		echo "== $@ [$$m, $(PROFILE)$(SHARD_NOTE)] -> $(RUN_PATH)"; \
-		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call JUDGE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS); \
+		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call JUDGE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS) \
+			&& $(RECORD_DURATION) $(RUN_PATH); \
 	done
 
 $(CROSS_MODEL): %: $(STAMP)
@@ -120,7 +123,8 @@ $(CROSS_MODEL): %: $(STAMP)
 	@$(CHECK_INPUTS) $@ --models $(MODELS)$(PROTOCOL_OPT)
 	@mkdir -p runs
 	@echo "== $@ [$(MODELS)] -> runs/$@$(RUN_SUFFIX).ipynb"
-	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb -y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@)
+	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb -y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@) \
+		&& $(RECORD_DURATION) runs/$@$(RUN_SUFFIX).ipynb
 
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
 	@for m in $(MODELS); do \

@@ -56,6 +56,7 @@ TABLES: dict[str, tuple[str, ...]] = {
         "07_block_norms.csv", "07_generations.csv", "07_responses.csv", "07_window.csv", "07_strip.csv",
     ),
 }  # fmt: skip
+DURATIONS = "durations.csv"  # per results folder: how long each notebook's last `make` run took, and on what CPU
 
 
 def producer(table: str) -> str:

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -156,3 +157,27 @@ def test_every_results_table_is_named_once_in_the_registry():
     assert paths.producer("07_window.csv") == "07_working_window"
     with pytest.raises(KeyError, match="'08_x.csv' is not a results table"):
         paths.producer("08_x.csv")
+
+
+def test_a_runs_duration_is_recorded_in_its_results_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path)
+
+    def run(notebook: str, parameters: dict, seconds: float) -> Path:
+        meta = {"input_path": f"notebooks/{notebook}.ipynb", "parameters": parameters, "duration": seconds,
+                "end_time": "2026-12-06T16:24:15+00:00"}  # fmt: skip
+        path = tmp_path / f"{notebook}.ipynb"
+        path.write_text(json.dumps({"metadata": {"papermill": meta}}))
+        return path
+
+    provenance.record_duration(run("01_token_selection", {"model": "org/m", "profile": "smoke"}, 600))
+    provenance.record_duration(run("07_working_window", {"model": "org/m", "profile": "smoke"}, 90))
+    provenance.record_duration(run("01_token_selection", {"model": "org/m", "profile": "default"}, 3000))  # replaces
+    table = pd.read_csv(tmp_path / "org--m" / "durations.csv")
+    assert table.notebook.tolist() == ["01_token_selection", "07_working_window"]
+    assert table.minutes.tolist() == [50.0, 1.5] and table.profile.tolist() == ["default", "smoke"]
+    paper = {"model": "m", "profile": "smoke", "steering_protocol": "paper"}
+    written = provenance.record_duration(run("02_soft_vs_hard_labels", paper, 60))
+    assert written.parent == tmp_path / "m" / "protocol-paper"
+    assert provenance.record_duration(run("04_multi_model_scaling", {"models": ["m"]}, 6)).parent == tmp_path
+    with pytest.raises(ValueError, match="without a model parameter"):
+        provenance.record_duration(run("01_token_selection", {}, 6))

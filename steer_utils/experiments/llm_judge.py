@@ -20,6 +20,7 @@ non-answer checks (gated-out responses are never shown to the LLM), or a logisti
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,6 +215,9 @@ class LLMJudge:
         self.embedding = embedding
         self.yes_ids, self.no_ids = answer_ids(self.tokenizer, YES), answer_ids(self.tokenizer, NO)
         self._prefixes: dict[str, object] = {}  # concept class -> its instructions' key/value cache
+        # Models that take `logits_to_keep` (transformers' causal LMs) skip the LM head at every other position: the
+        # vocabulary projection is ~15% of a 1.5B model's forward pass at every position.
+        self.last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @property
     def device(self) -> torch.device:
@@ -276,9 +280,12 @@ class LLMJudge:
             past.batch_repeat_interleave(len(batch))
             positions = torch.arange(prefix_length, prefix_length + width, device=self.device)
             inputs |= {"past_key_values": past, "position_ids": positions.expand(len(batch), -1)}
+        last = torch.tensor([len(c) - 1 for c in batch], device=self.device)  # (b,) each row's last token
+        if self.last_logits_only:  # the LM head at the rows' last positions only (k <= b of them, not width)
+            keep = torch.unique(last)  # (k,) sorted
+            inputs["logits_to_keep"], last = keep, torch.searchsorted(keep, last)
         with torch.inference_mode():
-            logits = self.model(**inputs).logits  # (b, width, vocab)
-        last = torch.tensor([len(c) - 1 for c in batch], device=self.device)
+            logits = self.model(**inputs).logits  # (b, width or k, vocab)
         return self._verdict_logits(logits[torch.arange(len(batch)), last])
 
     def score_table(

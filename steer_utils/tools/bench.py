@@ -618,12 +618,18 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
     for dtype in dtypes:
         grader = judge.load_judge("llm", dtype=dtype, calibration=Calibration())
         grader.p_yes(*rows[:1], *[r[:2] for r in rows[1:]])  # warm-up, and the class's prefix
-        for batch, shared in ((8, True), (8, False), (1, True)):
-            grader.batch_size = batch
-            seconds = _seconds(lambda: grader.p_yes(*rows, share_prefix=shared))
-            per_response[(dtype, batch, shared)] = seconds / n
-            note = f"{dtype}, batch {batch}, prefix {'shared' if shared else 'recomputed'}; {n} responses"
+        verdicts = {}
+        for batch, shared, last_only in ((8, True, True), (8, True, False), (8, False, True), (1, True, True)):
+            grader.batch_size, grader.last_logits_only = batch, last_only
+            seconds = _seconds(lambda: verdicts.setdefault(last_only, grader.p_yes(*rows, share_prefix=shared)))
+            per_response[(dtype, batch, shared, last_only)] = seconds / n
+            note = (
+                f"{dtype}, batch {batch}, prefix {'shared' if shared else 'recomputed'}, LM head at "
+                f"{'the last token only' if last_only else 'every position'}; {n} responses"
+            )
             table.add("judge", JUDGE_MODEL, "throughput", n / seconds, "responses/s", note)
+        change = float(np.abs(verdicts[True] - verdicts[False]).max())
+        table.add("judge", JUDGE_MODEL, "last-token LM head max |P(yes) change|", change, "", f"{dtype}; {n} responses")
     best = min(per_response.values())
     hours = len(stored) * gated * best / 3600
     table.add(

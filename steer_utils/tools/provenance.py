@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from .. import paths
 from ..cache import write_csv
 
 # The packages whose versions change numbers; the full list is in requirements.lock.
@@ -60,3 +62,40 @@ def write_versions(folder: Path, info=None) -> Path:
     for package, version in extra.items():
         frame.loc[len(frame)] = {"package": package, "version": version}
     return write_csv(frame, Path(folder) / "versions.csv")
+
+
+def record_duration(run_notebook: Path, results_root: Path | None = None) -> Path:
+    """Add (or replace) an executed notebook's row in its results folder's `durations.csv`: the notebook, its
+    profile, papermill's wall minutes, when it ended and the CPU it ran on. A run resumed from the cache takes less
+    than a cold one; the row says which run it was, not what a cold run costs."""
+    from ..core.models import cpu_name  # imports torch: only when a duration is recorded
+    from ..core.protocol import output_variant, resolve_protocol
+
+    meta = json.loads(Path(run_notebook).read_text(encoding="utf-8"))["metadata"]["papermill"]
+    values = meta.get("parameters", {})
+    name = Path(meta["input_path"]).stem
+    if "model" in values:
+        variant = output_variant(resolve_protocol(values.get("steering_protocol")))
+        shard = values.get("shard_index", 0), values.get("num_shards", 1)
+        folder = paths.results_dir(values["model"], *shard, variant)
+    elif "models" in values:  # notebook 04: across models
+        folder = Path(results_root or paths.RESULTS_DIR)
+    else:
+        raise ValueError(f"{run_notebook} was run without a model parameter; record the runs `make` makes.")
+    row = {
+        "notebook": name,
+        "profile": values.get("profile", ""),
+        "minutes": round(float(meta["duration"]) / 60, 1),
+        "ended": meta["end_time"],
+        "cpu": cpu_name(),
+    }
+    path = folder / paths.DURATIONS
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(row))
+    table = pd.concat([table[table.notebook != name], pd.DataFrame([row])], ignore_index=True)
+    return write_csv(table.sort_values("notebook", kind="stable"), path)
+
+
+if __name__ == "__main__":  # for make: python -m steer_utils.tools.provenance duration runs/<model>/<notebook>.ipynb
+    if len(sys.argv) != 3 or sys.argv[1] != "duration":
+        sys.exit("usage: python -m steer_utils.tools.provenance duration RUN_NOTEBOOK")
+    print(f"recorded in {record_duration(Path(sys.argv[2]))}")

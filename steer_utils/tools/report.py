@@ -706,10 +706,12 @@ def render(
 
 
 def results_digest(results_dir: Path | str | None = None) -> str:
-    """A short hash of every results table (`results/**/*.csv` but the machine-dependent bench*.csv): names, bytes."""
+    """A short hash of every results table (`results/**/*.csv` but the machine-dependent bench*.csv and run
+    durations): names, bytes."""
     root = Path(paths.RESULTS_DIR if results_dir is None else results_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*.csv") if not p.name.startswith("bench") and "shards" not in p.parts):
+    timings = lambda p: p.name.startswith("bench") or p.name == paths.DURATIONS  # noqa: E731
+    for path in sorted(p for p in root.rglob("*.csv") if not timings(p) and "shards" not in p.parts):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

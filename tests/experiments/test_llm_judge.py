@@ -68,6 +68,13 @@ def test_shared_prefix_gives_the_full_prompts_numbers(tiny_judge):
     assert shared.std() > 0  # the cases differ, and so do their verdicts
 
 
+def test_the_lm_head_at_the_last_positions_gives_the_full_forwards_numbers(tiny_judge, monkeypatch):
+    assert tiny_judge.last_logits_only  # a transformers causal LM takes logits_to_keep
+    fast = _p(tiny_judge)
+    monkeypatch.setattr(tiny_judge, "last_logits_only", False)  # every position's logits, as a plain forward
+    np.testing.assert_allclose(fast, _p(tiny_judge), atol=1e-6)
+
+
 def test_batched_verdicts_equal_one_at_a_time_and_repeat(tiny_judge):
     batched = _p(tiny_judge)
     one = [tiny_judge.p_yes("places", [c], [q], [r])[0] for c, q, r in CASES]
