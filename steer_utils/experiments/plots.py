@@ -240,6 +240,9 @@ def plot_models_steerability(table, settings: list[str], title: str = "") -> plt
     return fig
 
 
+SIZE_TICKS = (1e8, 3e8, 1e9, 3e9, 1e10)  # parameter counts marked on the scaling curve's log axis
+
+
 def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
     """Notebook 04: steerability against parameter count, one panel per class and one over all, one line per setting
     (the negative controls dashed) with 95% bootstrap CIs; `reference` rows are drawn as labelled star marks."""
@@ -265,7 +268,9 @@ def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
             mark = reference[reference.concept_class == concept_class]
             ax.plot(mark.n_parameters, mark.steerability, "*", color="black", markersize=10, label=None)
         ax.set_xscale("log")
-        ax.set(title=concept_class, ylim=(-0.02, 1.02), xlabel="parameters", ylabel="steerability")
+        ax.set_xticks(SIZE_TICKS, [f"{t / 1e9:g}B" if t >= 1e9 else f"{t / 1e6:g}M" for t in SIZE_TICKS])
+        ax.minorticks_off()
+        ax.set(title=concept_class, xlim=(8e7, 1.5e10), ylim=(-0.02, 1.02), xlabel="parameters", ylabel="steerability")
     for ax in axes.flat[len(classes) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
