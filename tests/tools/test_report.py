@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from steer_utils.core import training
+from steer_utils.experiments import pipeline
 from steer_utils.paths import ROOT
 from steer_utils.tools import report
 
@@ -172,14 +173,14 @@ def test_findings_were_read_against_the_committed_results():
 
 
 def test_committed_tables_use_one_word_per_idea():
-    """A `setting` column holds only training.Setting names (blank where no vector is fitted); block sets, methods,
-    SADI variants and arms have their own columns; a vector method has one spelling."""
+    """A `setting` column holds only training.Setting names and the negative controls (blank where no vector is
+    fitted); block sets, methods, SADI variants and arms have their own columns; a vector method has one spelling."""
 
     tables = sorted((ROOT / "results").rglob("0*.csv"))
     assert tables
     for path in tables:
         table = pd.read_csv(path, keep_default_na=False, low_memory=False)
         for column in [c for c in table.columns if c in ("setting", "setting_a", "setting_b")]:
-            for name in set(table[column]) - {""}:
+            for name in set(table[column]) - {"", *pipeline.CONTROLS}:  # the negative controls stand beside settings
                 training.Setting.parse(name)  # raises on a block set, a method or an arm
         assert not table.isin(["mean-difference"]).any().any(), f"{path}: spell it mean_difference"
