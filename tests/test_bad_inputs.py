@@ -354,15 +354,16 @@ def _names(source: str) -> list[str]:
     return [node.targets[0].id for node in ast.parse(source).body]
 
 
+CHECKS = ("check_parameters", "start")  # parameters.check_parameters, notebook.start (which calls it first)
+
+
 def _check_call(source: str) -> int:
-    """Index of the `check_parameters(...)` statement in a cell; every statement before it must be an import."""
+    """Index of the `check_parameters(...)` statement in a cell, or of `run = notebook.start(...)`, which checks them
+    before anything else; every statement before it must be an import."""
     body = ast.parse(source).body
     for i, node in enumerate(body):
-        if (
-            isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Call)
-            and getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) == "check_parameters"
-        ):
+        call = node.value if isinstance(node, (ast.Expr, ast.Assign)) else None
+        if isinstance(call, ast.Call) and getattr(call.func, "attr", getattr(call.func, "id", "")) in CHECKS:
             return i
         assert isinstance(node, (ast.Import, ast.ImportFrom)), f"'{ast.unparse(node)}' runs before check_parameters"
     raise AssertionError("the cell after `parameters` does not call check_parameters")

@@ -63,7 +63,7 @@ class ModelInfo:
     dtype: str
     device: str
     chat_template: str  # "native" (the tokenizer's own) or "plain" (PLAIN_CHAT_TEMPLATE)
-    n_parameters: int = 0  # weights of the loaded model (tied embeddings once); 0 where not known
+    n_parameters: int = 0  # weights as loaded (a tied embedding once; a GGUF's separate output head counts); 0: unknown
 
     @property
     def has_chat_template(self) -> bool:

@@ -270,7 +270,13 @@ def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
         ax.set_xscale("log")
         ax.set_xticks(SIZE_TICKS, [f"{t / 1e9:g}B" if t >= 1e9 else f"{t / 1e6:g}M" for t in SIZE_TICKS])
         ax.minorticks_off()
-        ax.set(title=concept_class, xlim=(8e7, 1.5e10), ylim=(-0.02, 1.02), xlabel="parameters", ylabel="steerability")
+        ax.set(
+            title=concept_class,
+            xlim=(8e7, 1.5e10),
+            ylim=(-0.02, 1.02),
+            xlabel="parameters (as loaded)",
+            ylabel="steerability",
+        )
     for ax in axes.flat[len(classes) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
