@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import paths
 from ..cache import write_csv
+from ..core.protocol import output_variant, resolve_protocol
 
 # The packages whose versions change numbers; the full list is in requirements.lock.
 KEY_PACKAGES = (
@@ -69,7 +70,6 @@ def record_duration(run_notebook: Path, results_root: Path | None = None) -> Pat
     profile, papermill's wall minutes, when it ended and the CPU it ran on. A run resumed from the cache takes less
     than a cold one; the row says which run it was, not what a cold run costs."""
     from ..core.models import cpu_name  # imports torch: only when a duration is recorded
-    from ..core.protocol import output_variant, resolve_protocol
 
     meta = json.loads(Path(run_notebook).read_text(encoding="utf-8"))["metadata"]["papermill"]
     values = meta.get("parameters", {})
