@@ -557,6 +557,21 @@ def _notebook07(page: Page, model: str) -> None:
     page.figure(f"{model}/fig07_window.png", "on-concept, coherent and other-script shares along the wide grid")
 
 
+def _by_setting(frame: pd.DataFrame, lead) -> tuple[list[str], list[list]]:
+    """(settings, rows) of a per-(model, protocol, setting) table's all-classes rows: `lead(model, protocol, group)`
+    (protocol written 'best-of-grid'), then 'value [low, high]' per setting ('' where a model has none)."""
+    part = frame[frame.concept_class == "all"]
+    settings = ordered(part.setting)
+    rows = []
+    for (model, protocol), group in part.groupby(["model", "protocol"], sort=False):
+        g = group.set_index("setting")
+        rows.append(
+            lead(model, protocol.replace("_", "-"), group)
+            + [ci(*g.loc[s, ["steerability", "ci_low", "ci_high"]]) if s in g.index else "" for s in settings]
+        )
+    return settings, rows
+
+
 def _notebook04(page: Page) -> None:
     prior = page.read("04_prior_vs_ours.csv")
     if prior is None:
@@ -565,15 +580,9 @@ def _notebook04(page: Page) -> None:
     curve = page.read("04_scaling_curve.csv")
     if curve is not None:
         page.figure("fig04_scaling_best_of_grid.png", "steerability against model size")
-        part = curve[curve.concept_class == "all"]
-        settings = ordered(part.setting)
-        rows = []
-        for (model, protocol), group in part.groupby(["model", "protocol"], sort=False):
-            g = group.set_index("setting")
-            rows.append(
-                [model, f"{group.n_parameters.iloc[0] / 1e6:.0f}M", protocol.replace("_", "-")]
-                + [ci(*g.loc[s, ["steerability", "ci_low", "ci_high"]]) if s in g.index else "" for s in settings]
-            )
+        settings, rows = _by_setting(
+            curve, lambda model, protocol, group: [model, f"{group.n_parameters.iloc[0] / 1e6:.0f}M", protocol]
+        )
         page.add(
             "Steerability against model size, beside the negative controls (`04_scaling_curve.csv`); the "
             "prior method's published Llama-3.1-8B point (GPT-4o judge, its own grid) is 0.49 overall:",
@@ -599,15 +608,7 @@ def _notebook04(page: Page) -> None:
             "Models (`04_models.csv`):",
             table(["model", "blocks", "shared tail tokens", "tail", "concepts"], rows, "lrrlr"),
         )
-    part = prior[prior.concept_class == "all"]
-    settings = ordered(part.setting)
-    rows = []
-    for (model, protocol), group in part.groupby(["model", "protocol"], sort=False):
-        g = group.set_index("setting")
-        rows.append(
-            [model, protocol.replace("_", "-")]
-            + [ci(*g.loc[s, ["steerability", "ci_low", "ci_high"]]) if s in g.index else "" for s in settings]
-        )
+    settings, rows = _by_setting(prior, lambda model, protocol, group: [model, protocol])
     page.add(
         "Overall steerability per model (`04_prior_vs_ours.csv`):",
         table(["model", "protocol"] + settings, rows, "ll" + "r" * len(settings)),
