@@ -43,7 +43,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "04_multi_model_scaling": (
         "04_models.csv", "04_scaling_curve.csv", "04_comparisons.csv", "04_prior_vs_ours.csv",
-        "04_soft_label_gain.csv", "04_enrichment_depth.csv", "04_working_eps.csv",
+        "04_soft_label_gain.csv", "04_enrichment_depth.csv", "04_working_eps.csv", "04_person_checked.csv",
     ),
     "05_baselines": (
         "05_sadi_tuning.csv", "05_generations.csv", "05_steerability.csv", "05_paired_tests.csv", "05_costs.csv",

@@ -2,6 +2,7 @@
 
     python -m steer_utils.experiments.judge_validation  # (make judge) P(yes) of every case (cached), choice, tables
     python -m steer_utils.experiments.judge_validation draw --round 4 --out sheet.csv [--steered-model MODEL]
+    python -m steer_utils.experiments.judge_validation confirm --round 5 --model MODEL --out sheet.csv
     python -m steer_utils.experiments.judge_validation add --round 4 --out sheet.csv --labels labels.csv
     python -m steer_utils.experiments.judge_validation rejudge  # (make rejudge) every stored response, resumable
 
@@ -27,12 +28,12 @@ from tqdm.auto import tqdm
 from ..cache import atomic_write, write_csv
 from ..core.decoding import generate_reference
 from ..core.models import load_model
-from ..core.training import train
-from ..paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT
+from ..core.training import OURS, train
+from ..paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT, model_slug
 from .data import development_concepts, load_questions, load_statements
 from .judge import agreement, judge_cases, load_cases, load_judge, score_generations
 from .llm_judge import JUDGE_DTYPE, JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
-from .pipeline import contrast_concepts
+from .pipeline import CONTROLS, contrast_concepts
 from .profiles import PROFILES
 
 
@@ -132,8 +133,10 @@ def stored_generations(results: Path = RESULTS_DIR) -> pd.DataFrame:
     parts = []
     for path in generation_files(results):
         model = path.relative_to(results).parts[0]
-        frame = pd.read_csv(path, usecols=["concept_class", "concept", "question", "response", "score"])
-        frame = frame.rename(columns={"score": "embedding_score"}).fillna({"response": ""})
+        frame = pd.read_csv(path, keep_default_na=False)
+        if "embedding_score" not in frame:  # judged by the embedding judge alone: its verdict is `score`
+            frame = frame.rename(columns={"score": "embedding_score"})
+        frame = frame[["concept_class", "concept", "question", "response", "embedding_score"]]
         parts.append(frame.assign(model=model, notebook=path.name[:2]))
     stored = pd.concat(parts, ignore_index=True).drop_duplicates(["concept", "response"])
     return stored[stored.response.str.split().str.len().between(1, 60)].reset_index(drop=True)
@@ -174,6 +177,22 @@ def draw_round(pool: pd.DataFrame, per_cell: int, seed: int) -> pd.DataFrame:
         if short > 0 and len(rest):
             picked += list(rng.choice(rest, size=min(short, len(rest)), replace=False))
     return pool.loc[rng.permutation(picked)].reset_index(drop=True)
+
+
+def confirmation_sheet(
+    generations: pd.DataFrame, labelled: set[str], setting: str, n_negatives: int, seed: int
+) -> pd.DataFrame:
+    """The responses to label so that a judge's steerability of `setting` can be confirmed by a person: every judge
+    positive (`score` 1) of `setting` and of the negative controls, and a seeded draw of `n_negatives` judge negatives
+    of `setting` (the judge's misses), none already `labelled`, one row per (concept, response), shuffled."""
+    rows = generations[~generations.response.isin(labelled) & (generations.response.str.strip() != "")]
+    rows = rows.drop_duplicates(["concept", "response"])
+    positives = rows[(rows.score == 1) & rows.setting.isin([setting, *CONTROLS])]
+    negatives = rows[(rows.score == 0) & (rows.setting == setting)]
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(negatives.index.to_numpy(), size=min(n_negatives, len(negatives)), replace=False)
+    sheet = pd.concat([positives, negatives.loc[drawn]])
+    return sheet.loc[rng.permutation(sheet.index.to_numpy())].reset_index(drop=True)
 
 
 def split_of(response: str) -> str:
@@ -367,15 +386,36 @@ def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: P
     return 0
 
 
+def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Path, setting: str = OURS) -> int:
+    """Write a blind sheet (`out`) and its key (`out` with `.key.csv`) of `confirmation_sheet` over `model`'s
+    notebook-01 responses (results/<model>/01_generations.csv, judged by the default judge)."""
+    path = RESULTS_DIR / model_slug(model) / "01_generations.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `make 01_token_selection MODELS={model}` first.")
+    generations = pd.read_csv(path, keep_default_na=False)
+    if "embedding_score" not in generations:
+        raise ValueError(f"{path} was judged by the embedding judge alone; rerun notebook 01 with the LLM judge.")
+    sheet = confirmation_sheet(generations, set(load_cases().response), setting, n_negatives, seed)
+    sheet = sheet.assign(id=[f"r{round_}-{i:03d}" for i in range(len(sheet))], model=model_slug(model), notebook="01")
+    write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
+    key = sheet[["id", "model", "notebook", "setting", "coefficient", "embedding_score", "p_yes", "score"]]
+    write_csv(key, out.with_suffix(".key.csv"))
+    print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`validate` (the default), `draw` a blind labelling sheet, `add` its labels to the cases, or `rejudge`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="validate", choices=["validate", "draw", "add", "rejudge"])
+    commands = ["validate", "draw", "confirm", "add", "rejudge"]
+    parser.add_argument("command", nargs="?", default="validate", choices=commands)
     parser.add_argument("--dtype", default=JUDGE_DTYPE, help="the judge model's precision")
     parser.add_argument("--round", type=int, default=4, help="draw: the round's number (ids r<round>-NNN)")
     parser.add_argument("--per-cell", type=int, default=8, help="draw: responses per (class, both verdicts)")
     parser.add_argument("--pool-per-cell", type=int, default=20, help="draw: pool per (model, class, verdict)")
     parser.add_argument("--steered-model", default="", help="draw: add this model's steered answers (dev concepts)")
+    parser.add_argument("--model", default="", help="confirm: the model whose notebook-01 judge positives to label")
+    parser.add_argument("--negatives", type=int, default=40, help="confirm: judge negatives drawn beside them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("round-sheet.csv"), help="draw/add: the blind sheet")
     parser.add_argument("--labels", type=Path, help="add: the person's labels of --out (id,label,kind,language)")
@@ -385,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "rejudge":
         return rejudge()
+    if args.command == "confirm":
+        return confirm_sheet(args.model, args.round, args.negatives, args.seed, args.out)
     if args.command == "draw":
         return draw_sheet(args.round, args.per_cell, args.pool_per_cell, args.seed, args.out, args.steered_model)
     return validate(args.dtype)

@@ -243,9 +243,10 @@ def plot_models_steerability(table, settings: list[str], title: str = "") -> plt
 SIZE_TICKS = (1e8, 3e8, 1e9, 3e9, 1e10)  # parameter counts marked on the scaling curve's log axis
 
 
-def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
+def plot_scaling_curve(curve, reference=None, title: str = "", checked=None) -> plt.Figure:
     """Notebook 04: steerability against parameter count, one panel per class and one over all, one line per setting
-    (the negative controls dashed) with 95% bootstrap CIs; `reference` rows are drawn as labelled star marks."""
+    (the negative controls dashed) with 95% bootstrap CIs; `reference` rows are drawn as labelled star marks and
+    `checked` rows (`scaling.person_checked` with `n_parameters`) as open diamonds: what a person confirmed."""
     classes = [c for c in dict.fromkeys(curve.concept_class) if c != "all"] + ["all"]
     settings = list(dict.fromkeys(curve.setting))
     palette = dict(zip(settings, sns.color_palette("deep", len(settings))))
@@ -267,6 +268,11 @@ def plot_scaling_curve(curve, reference=None, title: str = "") -> plt.Figure:
         if reference is not None:
             mark = reference[reference.concept_class == concept_class]
             ax.plot(mark.n_parameters, mark.steerability, "*", color="black", markersize=10, label=None)
+        if checked is not None:
+            for setting in [s for s in settings if s in set(checked.setting)]:
+                rows = checked[(checked.concept_class == concept_class) & (checked.setting == setting)]
+                ax.plot(rows.n_parameters, rows.steerability, "D", mfc="none", color=palette[setting], markersize=7,
+                        label=f"{setting}, judge and a person agree")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xticks(SIZE_TICKS, [f"{t / 1e9:g}B" if t >= 1e9 else f"{t / 1e6:g}M" for t in SIZE_TICKS])
         ax.minorticks_off()

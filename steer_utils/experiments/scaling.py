@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import paths
 from ..core.training import HARD, OURS, PRIOR
-from . import evaluation
+from . import evaluation, judge
 from .pipeline import CONTROLS
 
 # The prior method's published steerability on Llama-3.1-8B-Instruct (neural controllers, arXiv 2502.03708, Fig. 4:
@@ -35,6 +35,10 @@ COMPARISONS = (
     ("ours vs SADI (MLP, all positions)", "05_baselines", "method", "sadi-hidden-all", "ours"),
     ("ours vs prompting", "05_baselines", "method", "prompting", "ours"),
 )
+PERSON_CHECKED_COLUMNS = [
+    "model", "setting", "concept_class", "steerability", "ci_low", "ci_high", "n_concepts", "judge",
+    "judge_positive", "labelled", "confirmed", "labelled_negative", "missed",
+]  # fmt: skip
 PAIRED_KEEP = ["protocol", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "p_mcnemar", "n_concepts"]
 
 
@@ -184,6 +188,50 @@ def scaling_curve(
     model first: the points of the scaling curve, per protocol and class."""
     rows = prior_vs_ours(steerability, settings).join(sizes, on="model")
     return rows.sort_values(["n_parameters", "protocol"], kind="stable").reset_index(drop=True)
+
+
+def person_checked(
+    generations: pd.DataFrame, cases: pd.DataFrame, settings: tuple[str, ...] = (OURS, *CONTROLS), seed: int = 0
+) -> pd.DataFrame:
+    """Per model, setting and class: best-of-grid steerability as the judge counts it (`judge`) and as the judge and a
+    person both count it (`steerability`, with its 95% CI: a lower bound unless every judge positive is labelled),
+    beside the judge's positives, how many a person labelled and confirmed, and the judge's misses among the judge
+    negatives a person labelled (`labelled_negative`, `missed`). Models whose responses nobody labelled are left out.
+    A person round that labels every judge positive (`judge_validation confirm`) makes `steerability` exact for what
+    the judge found; `missed` says what it did not find."""
+    labelled = set(cases.response)
+    parts = []
+    for model, frame in generations[generations.setting.isin(settings)].groupby("model", sort=False):
+        if not labelled & set(frame.response):
+            continue
+        confirmed = judge.confirmed_scores(frame, cases)
+        by = ["setting", "concept_class"]
+        person = evaluation.steerability_table(evaluation.concept_steerability(confirmed), by, seed=seed)
+        judged = evaluation.concept_steerability(confirmed.assign(score=confirmed.judge_score))
+        judged = evaluation.steerability_table(judged, by, seed=seed).set_index(by).steerability.rename("judge")
+        table = person.join(judged, on=by).join(label_counts(confirmed), on=by)
+        parts.append(table.assign(model=model))
+    if not parts:  # nobody labelled these responses (e.g. a smoke run's): an empty table with the same columns
+        return pd.DataFrame(columns=PERSON_CHECKED_COLUMNS)
+    table = pd.concat(parts, ignore_index=True)
+    return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
+def label_counts(confirmed: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, class, with an 'all' row) of `judge.confirmed_scores` rows: the judge's positives, how many a
+    person labelled and confirmed, the judge negatives a person labelled and how many of them were on-concept."""
+    rows = pd.concat([confirmed, confirmed.assign(concept_class=evaluation.ALL)], ignore_index=True)
+    positive, seen, on = rows.judge_score == 1, rows.human.notna(), rows.human == 1
+    flags = pd.DataFrame(
+        {
+            "judge_positive": positive,
+            "labelled": positive & seen,
+            "confirmed": positive & on,
+            "labelled_negative": ~positive & seen,
+            "missed": ~positive & on,
+        }
+    ).astype(int)
+    return flags.groupby([rows.setting, rows.concept_class]).sum()
 
 
 def reference_marks() -> pd.DataFrame:

@@ -304,3 +304,65 @@ def test_paper_comparisons_read_each_notebooks_paired_tests_and_name_the_missing
     ran = table[table.missing == ""]
     assert len(ran) == 3 and set(table.index) == {name for name, *_ in scaling.COMPARISONS}
     assert (table[table.missing != ""].missing == "make 05_baselines MODELS=m").all()
+
+
+def test_person_checked_counts_only_what_the_judge_and_a_person_both_call_on_concept():
+    rows = []
+    for concept_class, concept in (("places", "Paris"), ("moods", "calm")):
+        for setting in ("attention-soft-rfm", "control-random"):
+            for q in range(2):
+                for c in (0.05, 0.1):
+                    rows.append(dict(setting=setting, concept_class=concept_class, concept=concept, question_id=q,
+                                     coefficient=c, response=f"{concept} {setting} {q} {c}", score=0))  # fmt: skip
+    generations = pd.DataFrame(rows).assign(model="m")
+    hit = lambda concept, q, c: generations.response == f"{concept} attention-soft-rfm {q} {c}"  # noqa: E731
+    generations.loc[hit("Paris", 0, 0.05) | hit("Paris", 1, 0.1) | hit("calm", 0, 0.1), "score"] = 1
+    cases = pd.DataFrame(
+        {"concept": ["Paris", "Paris", "calm", "calm"],
+         "response": ["Paris attention-soft-rfm 0 0.05", "Paris attention-soft-rfm 1 0.1",
+                      "calm attention-soft-rfm 0 0.1", "calm attention-soft-rfm 1 0.05"],
+         "label": [1, 0, 1, 1]}
+    )  # fmt: skip
+    checked = scaling.person_checked(generations, cases)
+    assert checked.columns.tolist() == scaling.PERSON_CHECKED_COLUMNS
+    table = checked.set_index(["setting", "concept_class"])
+    ours = table.loc["attention-soft-rfm"]
+    assert ours.judge["places"] == 1.0 and ours.steerability["places"] == 0.5  # one of two positives confirmed
+    assert ours.judge["moods"] == 0.5 and ours.steerability["moods"] == 0.5
+    assert ours.loc["all", ["judge_positive", "labelled", "confirmed", "labelled_negative", "missed"]].tolist() == [
+        3, 3, 2, 1, 1]  # fmt: skip
+    assert table.loc[("control-random", "all"), "steerability"] == 0 and "model" in table
+    assert scaling.person_checked(generations, cases.assign(response="unseen")).empty
+
+
+def test_confirmation_sheet_holds_every_judge_positive_and_a_seeded_draw_of_negatives():
+    from steer_utils.experiments import judge_validation
+
+    generations = pd.DataFrame(
+        {"setting": ["attention-soft-rfm"] * 6 + ["control-random", "fixed-hard-rfm"],
+         "concept": list("abcdefgh"), "response": [f"r{i}" for i in range(8)],
+         "score": [1, 1, 0, 0, 0, 0, 1, 1]}
+    )  # fmt: skip
+    sheet = judge_validation.confirmation_sheet(generations, {"r1"}, "attention-soft-rfm", 2, seed=0)
+    assert set(sheet.response) >= {"r0", "r6"} and "r1" not in set(sheet.response) and "r7" not in set(sheet.response)
+    assert len(sheet) == 4 and (sheet[sheet.score == 0].setting == "attention-soft-rfm").all()
+    again = judge_validation.confirmation_sheet(generations, {"r1"}, "attention-soft-rfm", 2, seed=0)
+    assert again.response.tolist() == sheet.response.tolist()
+
+
+def test_scaling_curve_plot_draws_the_person_checked_points_beside_each_setting():
+    import matplotlib.pyplot as plt
+
+    from steer_utils.experiments import plots
+
+    rows = [dict(model=m, n_parameters=n, setting=s, concept_class=c, steerability=0.2, ci_low=0.1, ci_high=0.3)
+            for m, n in (("small", 1.35e8), ("big", 1.5e9)) for s in ("attention-soft-rfm", "control-random")
+            for c in ("places", "all")]  # fmt: skip
+    curve = pd.DataFrame(rows)
+    checked = curve[curve.setting == "attention-soft-rfm"].assign(steerability=0.1)
+    fig = plots.plot_scaling_curve(curve, scaling.reference_marks(), "t", checked)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "attention-soft-rfm, judge and a person agree" in labels and scaling.REFERENCE_LABEL in labels
+    diamonds = [line for line in fig.axes[0].get_lines() if line.get_marker() == "D"]
+    assert len(diamonds) == 1 and diamonds[0].get_ydata().tolist() == [0.1, 0.1]
+    plt.close(fig)
