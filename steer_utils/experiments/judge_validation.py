@@ -36,6 +36,11 @@ from .llm_judge import JUDGE_DTYPE, JUDGE_MODEL, PROMPT_VERSION, Calibration, fi
 from .pipeline import CONTROLS, contrast_concepts
 from .profiles import PROFILES
 
+# The source of a round drawn from the judge's own verdicts (`confirm`: every judge positive): it measures the judge's
+# precision on what it found, but its share of positives is the judge's choice, so no calibration is fitted on it and
+# the pooled agreement of the `generated` rounds leaves it out.
+CONFIRMATION = "confirmation"
+
 
 def metrics(labels, predictions) -> dict:
     """n, accuracy, Cohen's kappa, precision and recall of 0/1 predictions against 0/1 labels."""
@@ -73,7 +78,7 @@ def candidates(dev: pd.DataFrame) -> list[tuple[str, Calibration, float]]:
 def choose(judged: pd.DataFrame, dtype: str) -> tuple[Calibration, pd.DataFrame]:
     """The candidate with the highest kappa on the pooled dev halves (P(yes) of the judge model in `dtype`), and a
     table of every candidate's dev kappa."""
-    dev = judged[judged.split == "dev"].reset_index(drop=True)
+    dev = judged[(judged.split == "dev") & (judged.source != CONFIRMATION)].reset_index(drop=True)
     found = candidates(dev)
     table = pd.DataFrame([{"calibration": n, "dev_kappa": k, "threshold": c.threshold} for n, c, k in found])
     name, best, kappa = max(found, key=lambda f: f[2])
@@ -202,9 +207,11 @@ def split_of(response: str) -> str:
 
 def add_round(sheet: Path, labels: Path, round_: int, cases_file: Path = JUDGE_CASES_FILE) -> int:
     """Append a labelled sheet to the cases file: its rows with the person's `label`, `kind` and `language`, the
-    drawn response's `model`, source `generated`, `round_`, and the half `split_of` its text. Returns rows added."""
+    drawn response's `model`, its source from the sheet's key (`generated`, or `confirmation` for a `confirm` sheet),
+    `round_`, and the half `split_of` its text. Returns rows added."""
     drawn = pd.read_csv(sheet, keep_default_na=False).merge(pd.read_csv(labels, keep_default_na=False), on="id")
-    key = pd.read_csv(sheet.with_suffix(".key.csv"), keep_default_na=False)[["id", "model"]]
+    key = pd.read_csv(sheet.with_suffix(".key.csv"), keep_default_na=False)
+    key = key.assign(source=key.get("source", "generated"))[["id", "model", "source"]]
     drawn = drawn.merge(key, on="id")
     known = load_cases(cases_file)
     if set(drawn.response) & set(known.response) or len(drawn) != len(pd.read_csv(sheet)):
@@ -219,7 +226,7 @@ def add_round(sheet: Path, labels: Path, round_: int, cases_file: Path = JUDGE_C
                 "label": int(row.label),
                 "kind": row.kind,
                 "split": split_of(row.response),
-                "source": "generated",
+                "source": row.source,
                 "round": round_,
                 "model": row.model,
                 "language": row.language,
@@ -398,7 +405,8 @@ def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Pat
     sheet = confirmation_sheet(generations, set(load_cases().response), setting, n_negatives, seed)
     sheet = sheet.assign(id=[f"r{round_}-{i:03d}" for i in range(len(sheet))], model=model_slug(model), notebook="01")
     write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
-    key = sheet[["id", "model", "notebook", "setting", "coefficient", "embedding_score", "p_yes", "score"]]
+    sheet = sheet.assign(source=CONFIRMATION)
+    key = sheet[["id", "model", "notebook", "source", "setting", "coefficient", "embedding_score", "p_yes", "score"]]
     write_csv(key, out.with_suffix(".key.csv"))
     print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")
     return 0

@@ -364,8 +364,28 @@ def test_a_labelled_sheet_joins_the_cases_once(tmp_path):
     added = judge.load_cases(cases).iloc[1:]
     assert added.label.tolist() == [1, 0] and set(added["round"]) == {4} and set(added.model) == {"m"}
     assert added.split.tolist() == [judge_validation.split_of(r) for r in added.response]
+    assert set(added.source) == {"generated"}  # a key without a source: a `draw` sheet
     with pytest.raises(ValueError, match="none of them may be labelled already"):
         judge_validation.add_round(sheet, labels, 4, cases)
+    key = pd.read_csv(sheet.with_suffix(".key.csv")).assign(source=judge_validation.CONFIRMATION)
+    key.to_csv(sheet.with_suffix(".key.csv"), index=False)
+    cases.write_text(cases.read_text().splitlines()[0] + "\n")
+    judge_validation.add_round(sheet, labels, 5, cases)
+    assert set(judge.load_cases(cases).iloc[1:].source) == {judge_validation.CONFIRMATION}
+
+
+def test_no_calibration_is_fitted_on_a_confirmation_round():
+    rng = np.random.default_rng(0)
+    n = 60
+    judged = pd.DataFrame(
+        {"split": "dev", "source": "generated", "label": rng.integers(0, 2, n), "p_yes": rng.uniform(0.01, 0.99, n),
+         "relevance": rng.uniform(0, 1, n), "concept_rank": rng.integers(1, 50, n), "coherence": 1.0,
+         "non_answer": False, "reason": "ok"}
+    )  # fmt: skip
+    flipped = judged.assign(source=judge_validation.CONFIRMATION, label=1 - judged.label)
+    alone = judge_validation.choose(judged, "bfloat16")[1]
+    both = judge_validation.choose(pd.concat([judged, flipped], ignore_index=True), "bfloat16")[1]
+    pd.testing.assert_frame_equal(alone, both)
 
 
 def test_the_committed_calibration_fits_todays_prompt_and_beats_the_embedding_judge():
