@@ -191,9 +191,13 @@ def confirmation_sheet(
     positive (`score` 1) of `setting` and of the negative controls, and a seeded draw of `n_negatives` judge negatives
     of `setting` (the judge's misses), none already `labelled`, one row per (concept, response), shuffled."""
     rows = generations[~generations.response.isin(labelled) & (generations.response.str.strip() != "")]
-    rows = rows.drop_duplicates(["concept", "response"])
-    positives = rows[(rows.score == 1) & rows.setting.isin([setting, *CONTROLS])]
-    negatives = rows[(rows.score == 0) & (rows.setting == setting)]
+    positives = rows[(rows.score == 1) & rows.setting.isin([setting, *CONTROLS])].drop_duplicates(
+        ["concept", "response"]
+    )
+    negatives = rows[(rows.score == 0) & (rows.setting == setting)].drop_duplicates(["concept", "response"])
+    negatives = negatives[
+        ~negatives.set_index(["concept", "response"]).index.isin(positives.set_index(["concept", "response"]).index)
+    ]
     rng = np.random.default_rng(seed)
     drawn = rng.choice(negatives.index.to_numpy(), size=min(n_negatives, len(negatives)), replace=False)
     sheet = pd.concat([positives, negatives.loc[drawn]])
@@ -264,6 +268,9 @@ ROUNDS = {
     "negatives, seeded",
     4: "both bundled small models' stored generations (every notebook), seeded, stratified by class and both judges' "
     "verdicts; plus Qwen2.5-Coder-0.5B answers steered through the public API on development concepts",
+    5: "a confirmation round: Qwen2.5-Coder-0.5B, notebook 01 (default profile), every LLM-judge positive of "
+    "attention-soft-rfm and of the negative controls, and 40 seeded judge negatives of attention-soft-rfm; labelled "
+    "blind in two sheets (the second, of judge positives only, holds those the first sheet's draw had left out)",
 }
 
 
@@ -311,9 +318,16 @@ language, so an on-concept answer in Chinese to an English question is judged on
 another language at high eps). Notebook 07 reports steerability both ways (`window.COUNTINGS`: as judged, and with
 answers mostly outside the Latin script counted as not steered) and chooses a model's window on the stricter count.
 
-The committed steering tables in `results/` still carry the embedding judge's verdicts; until they are re-judged
-(`make rejudge` asks the LLM judge about every stored response its gate lets through, into a memo that a stopped run
-resumes from; `make bench`'s judge section gives the cost), read them with the embedding judge's precision below.
+The Qwen2.5-Coder models' results and every notebook 07 are judged by the LLM judge. SmolLM2's and Gemma's committed
+notebooks 01-06 still carry the embedding judge's verdicts; until they are rerun (`make rejudge` first asks the LLM
+judge about every stored response its gate lets through, into a memo that a stopped run resumes from; `make bench`'s
+judge section gives the cost), read them with the embedding judge's precision below.
+
+**Confirmation rounds** (source `confirmation`, `judge_validation confirm`) are drawn from the judge's own verdicts:
+every response the judge called on-concept in one model's notebook 01 (ours and the negative controls) and a seeded
+draw of its negatives, shuffled and labelled blind. Their precision is the share of the judge's finds a person
+confirms, which notebook 04 turns into person-checked steerability (`scaling.person_checked`). Because the judge
+chose their mix of positives, no calibration is fitted on them and the pooled `all` row leaves them out.
 
 ## How its verdict was chosen (dev halves only)
 
@@ -329,8 +343,8 @@ Chosen: **{calibration.chosen_on}** (threshold {calibration.threshold:.3f}, gate
 ## Held-out agreement with people (test halves)
 
 Each round of generated responses was labelled by hand with the rubric (on the specific concept, answers the
-question, coherent; a sentence looped three times or more is 0); round 4 blind, from a sheet with every judge's
-column removed (`draw` writes the verdicts to a separate key file). Round 1's written
+question, coherent; a sentence looped three times or more is 0); from round 4 on blind, from a sheet with every
+judge's column removed (`draw` and `confirm` write the verdicts to a separate key file). Round 1's written
 cases were written to test the judge (paraphrases as hard positives; other concepts, antonyms, generic answers,
 loops, gibberish with the concept word and refusals as hard negatives). `all` pools the generated rounds.
 

@@ -339,13 +339,13 @@ def test_confirmation_sheet_holds_every_judge_positive_and_a_seeded_draw_of_nega
     from steer_utils.experiments import judge_validation
 
     generations = pd.DataFrame(
-        {"setting": ["attention-soft-rfm"] * 6 + ["control-random", "fixed-hard-rfm"],
-         "concept": list("abcdefgh"), "response": [f"r{i}" for i in range(8)],
-         "score": [1, 1, 0, 0, 0, 0, 1, 1]}
+        {"setting": ["fixed-hard-rfm"] + ["attention-soft-rfm"] * 6 + ["control-random", "fixed-hard-rfm"],
+         "concept": list("aabcdefgh"), "response": ["r0"] + [f"r{i}" for i in range(8)],
+         "score": [0, 1, 1, 0, 0, 0, 0, 1, 1]}
     )  # fmt: skip
     sheet = judge_validation.confirmation_sheet(generations, {"r1"}, "attention-soft-rfm", 2, seed=0)
     assert set(sheet.response) >= {"r0", "r6"} and "r1" not in set(sheet.response) and "r7" not in set(sheet.response)
-    assert len(sheet) == 4 and (sheet[sheet.score == 0].setting == "attention-soft-rfm").all()
+    assert len(sheet) == 4 and (sheet[sheet.score == 0].setting == "attention-soft-rfm").all()  # r0: first elsewhere
     again = judge_validation.confirmation_sheet(generations, {"r1"}, "attention-soft-rfm", 2, seed=0)
     assert again.response.tolist() == sheet.response.tolist()
 
