@@ -36,7 +36,7 @@ COMPARISONS = (
     ("ours vs prompting", "05_baselines", "method", "prompting", "ours"),
 )
 PERSON_CHECKED_COLUMNS = [
-    "model", "setting", "concept_class", "steerability", "ci_low", "ci_high", "n_concepts", "judge",
+    "model", "protocol", "setting", "concept_class", "steerability", "ci_low", "ci_high", "n_concepts", "judge",
     "judge_positive", "labelled", "confirmed", "labelled_negative", "missed",
 ]  # fmt: skip
 PAIRED_KEEP = ["protocol", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "p_mcnemar", "n_concepts"]
@@ -193,8 +193,9 @@ def scaling_curve(
 def person_checked(
     generations: pd.DataFrame, cases: pd.DataFrame, settings: tuple[str, ...] = (OURS, *CONTROLS), seed: int = 0
 ) -> pd.DataFrame:
-    """Per model, setting and class: best-of-grid steerability as the judge counts it (`judge`) and as the judge and a
-    person both count it (`steerability`, with its 95% CI: a lower bound unless every judge positive is labelled),
+    """Per model, protocol, setting and class: steerability as the judge counts it (`judge`) and as the judge and a
+    person both count it (`steerability`, with its 95% CI: a lower bound unless every judge positive is labelled; the
+    held-out protocol also chooses each concept's coefficient on what both count),
     beside the judge's positives, how many a person labelled and confirmed, and the judge's misses among the judge
     negatives a person labelled (`labelled_negative`, `missed`). Models whose responses nobody labelled are left out.
     A person round that labels every judge positive (`judge_validation confirm`) makes `steerability` exact for what
@@ -206,15 +207,17 @@ def person_checked(
             continue
         confirmed = judge.confirmed_scores(frame, cases)
         by = ["setting", "concept_class"]
-        person = evaluation.steerability_table(evaluation.concept_steerability(confirmed), by, seed=seed)
-        judged = evaluation.concept_steerability(confirmed.assign(score=confirmed.judge_score))
-        judged = evaluation.steerability_table(judged, by, seed=seed).set_index(by).steerability.rename("judge")
-        table = person.join(judged, on=by).join(label_counts(confirmed), on=by)
-        parts.append(table.assign(model=model))
+        counts = label_counts(confirmed)
+        for protocol in evaluation.PROTOCOLS:
+            person = evaluation.concept_steerability(confirmed, protocol)
+            person = evaluation.steerability_table(person, by, seed=seed)
+            judged = evaluation.concept_steerability(confirmed.assign(score=confirmed.judge_score), protocol)
+            judged = evaluation.steerability_table(judged, by, seed=seed).set_index(by).steerability.rename("judge")
+            table = person.join(judged, on=by).join(counts, on=by)
+            parts.append(table.assign(model=model, protocol=protocol))
     if not parts:  # nobody labelled these responses (e.g. a smoke run's): an empty table with the same columns
         return pd.DataFrame(columns=PERSON_CHECKED_COLUMNS)
-    table = pd.concat(parts, ignore_index=True)
-    return table[["model", *[c for c in table.columns if c != "model"]]]
+    return pd.concat(parts, ignore_index=True)[PERSON_CHECKED_COLUMNS]
 
 
 def label_counts(confirmed: pd.DataFrame) -> pd.DataFrame:

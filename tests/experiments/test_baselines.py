@@ -310,28 +310,31 @@ def test_person_checked_counts_only_what_the_judge_and_a_person_both_call_on_con
     rows = []
     for concept_class, concept in (("places", "Paris"), ("moods", "calm")):
         for setting in ("attention-soft-rfm", "control-random"):
-            for q in range(2):
+            for q in range(4):
                 for c in (0.05, 0.1):
                     rows.append(dict(setting=setting, concept_class=concept_class, concept=concept, question_id=q,
                                      coefficient=c, response=f"{concept} {setting} {q} {c}", score=0))  # fmt: skip
     generations = pd.DataFrame(rows).assign(model="m")
     hit = lambda concept, q, c: generations.response == f"{concept} attention-soft-rfm {q} {c}"  # noqa: E731
-    generations.loc[hit("Paris", 0, 0.05) | hit("Paris", 1, 0.1) | hit("calm", 0, 0.1), "score"] = 1
+    generations.loc[
+        hit("Paris", 0, 0.05) | hit("Paris", 1, 0.1) | hit("Paris", 2, 0.05) | hit("calm", 0, 0.1), "score"
+    ] = 1
     cases = pd.DataFrame(
-        {"concept": ["Paris", "Paris", "calm", "calm"],
-         "response": ["Paris attention-soft-rfm 0 0.05", "Paris attention-soft-rfm 1 0.1",
-                      "calm attention-soft-rfm 0 0.1", "calm attention-soft-rfm 1 0.05"],
-         "label": [1, 0, 1, 1]}
+        {"concept": ["Paris"] * 3 + ["calm"] * 2,
+         "response": [f"Paris attention-soft-rfm {q} {c}" for q, c in ((0, 0.05), (1, 0.1), (2, 0.05))]
+                     + ["calm attention-soft-rfm 0 0.1", "calm attention-soft-rfm 1 0.05"],
+         "label": [1, 0, 1, 1, 1]}
     )  # fmt: skip
     checked = scaling.person_checked(generations, cases)
     assert checked.columns.tolist() == scaling.PERSON_CHECKED_COLUMNS
-    table = checked.set_index(["setting", "concept_class"])
-    ours = table.loc["attention-soft-rfm"]
-    assert ours.judge["places"] == 1.0 and ours.steerability["places"] == 0.5  # one of two positives confirmed
-    assert ours.judge["moods"] == 0.5 and ours.steerability["moods"] == 0.5
-    assert ours.loc["all", ["judge_positive", "labelled", "confirmed", "labelled_negative", "missed"]].tolist() == [
-        3, 3, 2, 1, 1]  # fmt: skip
-    assert table.loc[("control-random", "all"), "steerability"] == 0 and "model" in table
+    table = checked.set_index(["protocol", "setting", "concept_class"])
+    best, held = table.loc[("best_of_grid", "attention-soft-rfm")], table.loc[("held_out", "attention-soft-rfm")]
+    assert best.judge["places"] == 0.75 and best.steerability["places"] == 0.5  # the person drops question 1
+    assert best.judge["moods"] == 0.25 and best.steerability["moods"] == 0.25
+    assert held.steerability["places"] == 0.5 and held.steerability["moods"] == 0  # eps chosen on questions 0-1
+    assert best.loc["all", ["judge_positive", "labelled", "confirmed", "labelled_negative", "missed"]].tolist() == [
+        4, 4, 3, 1, 1]  # fmt: skip
+    assert table.loc[("best_of_grid", "control-random", "all"), "steerability"] == 0
     assert scaling.person_checked(generations, cases.assign(response="unseen")).empty
 
 
