@@ -194,10 +194,9 @@ def confirmation_sheet(
     positives = rows[(rows.score == 1) & rows.setting.isin([setting, *CONTROLS])].drop_duplicates(
         ["concept", "response"]
     )
+    positive_pairs = set(zip(positives.concept, positives.response))
     negatives = rows[(rows.score == 0) & (rows.setting == setting)].drop_duplicates(["concept", "response"])
-    negatives = negatives[
-        ~negatives.set_index(["concept", "response"]).index.isin(positives.set_index(["concept", "response"]).index)
-    ]
+    negatives = negatives[[pair not in positive_pairs for pair in zip(negatives.concept, negatives.response)]]
     rng = np.random.default_rng(seed)
     drawn = rng.choice(negatives.index.to_numpy(), size=min(n_negatives, len(negatives)), replace=False)
     sheet = pd.concat([positives, negatives.loc[drawn]])
@@ -400,11 +399,7 @@ def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: P
         answers = score_generations(judge, answers.assign(model=steered_model, notebook="api"))
         drawn = pd.concat([drawn, answers[answers.response.str.split().str.len() <= 60]])
     sheet = drawn.sample(frac=1, random_state=seed).assign(id=[f"r{round_}-{i:03d}" for i in range(len(drawn))])
-    write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
-    key = sheet[["id", "model", "notebook", "embedding_score", "p_yes", "score"]]
-    write_csv(key, out.with_suffix(".key.csv"))
-    print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")
-    return 0
+    return _write_sheet(sheet, ["model", "notebook", "embedding_score", "p_yes", "score"], out)
 
 
 def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Path, setting: str = OURS) -> int:
@@ -417,11 +412,17 @@ def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Pat
     if "embedding_score" not in generations:
         raise ValueError(f"{path} was judged by the embedding judge alone; rerun notebook 01 with the LLM judge.")
     sheet = confirmation_sheet(generations, set(load_cases().response), setting, n_negatives, seed)
-    sheet = sheet.assign(id=[f"r{round_}-{i:03d}" for i in range(len(sheet))], model=model_slug(model), notebook="01")
+    ids = [f"r{round_}-{i:03d}" for i in range(len(sheet))]
+    sheet = sheet.assign(id=ids, model=model_slug(model), notebook="01", source=CONFIRMATION)
+    key_columns = ["model", "notebook", "source", "setting", "coefficient", "embedding_score", "p_yes", "score"]
+    return _write_sheet(sheet, key_columns, out)
+
+
+def _write_sheet(sheet: pd.DataFrame, key_columns: list[str], out: Path) -> int:
+    """Write the blind sheet (id, class, concept, question, response) to `out` and each id's `key_columns` to `out`
+    with `.key.csv`, to be kept apart while labelling."""
     write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
-    sheet = sheet.assign(source=CONFIRMATION)
-    key = sheet[["id", "model", "notebook", "source", "setting", "coefficient", "embedding_score", "p_yes", "score"]]
-    write_csv(key, out.with_suffix(".key.csv"))
+    write_csv(sheet[["id", *key_columns]], out.with_suffix(".key.csv"))
     print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")
     return 0
 

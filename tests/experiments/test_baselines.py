@@ -353,6 +353,27 @@ def test_confirmation_sheet_holds_every_judge_positive_and_a_seeded_draw_of_nega
     assert again.response.tolist() == sheet.response.tolist()
 
 
+def test_confirm_sheet_writes_a_blind_sheet_and_its_key_apart(tmp_path, monkeypatch):
+    from steer_utils.experiments import judge_validation
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    pd.DataFrame(
+        {"concept_class": "moods", "concept": ["a", "b"], "question": "q", "response": ["r0", "r1"],
+         "setting": "attention-soft-rfm", "coefficient": 0.05, "embedding_score": [1, 0], "p_yes": [0.9, 0.1],
+         "score": [1, 0]}
+    ).to_csv(folder / "01_generations.csv", index=False)  # fmt: skip
+    monkeypatch.setattr(judge_validation, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(judge_validation, "load_cases", lambda: pd.DataFrame({"response": ["seen"]}))
+    judge_validation.confirm_sheet("m", 7, n_negatives=1, seed=0, out=tmp_path / "sheet.csv")
+    sheet, key = pd.read_csv(tmp_path / "sheet.csv"), pd.read_csv(tmp_path / "sheet.key.csv")
+    assert list(sheet.columns) == ["id", "concept_class", "concept", "question", "response"]  # no verdict shown
+    assert sorted(sheet.id) == sorted(key.id) == ["r7-000", "r7-001"] and set(key.source) == {"confirmation"}
+    assert {"score", "p_yes", "embedding_score", "setting"} <= set(key.columns)
+    with pytest.raises(FileNotFoundError, match="make 01_token_selection MODELS=absent"):
+        judge_validation.confirm_sheet("absent", 7, n_negatives=1, seed=0, out=tmp_path / "x.csv")
+
+
 def test_scaling_curve_plot_draws_the_person_checked_points_beside_each_setting():
     import matplotlib.pyplot as plt
 
