@@ -90,7 +90,7 @@ endif
 .PHONY: help install all judge rejudge merge bench gpu-check report lint test test-unit test-notebooks lock clean cache-info clean-cache $(NB_NAMES)
 
 help: ## List the targets
-	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|default|full] [TORCH=torch==2.13.0]"
+	@echo "Usage: make <target> [MODELS='smollm2-135m gemma3-270m'] [PROFILE=smoke|compact|default|full] [TORCH=torch==2.13.0]"
 	@echo "       [DTYPE=auto|float32|bfloat16] (auto: float32 on CPU, bfloat16 on CUDA) [PROTOCOL=paper] (01-05)"
 	@echo "       [SHARD_INDEX=0 NUM_SHARDS=4] (one shard of a notebook) [NOTEBOOK=01_token_selection] (merge)"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  \1\t\2/' | expand -t 24

@@ -280,7 +280,7 @@ def test_k_from_fraction_refuses_impossible_sizes(fraction, n, words):
         ),
         ("n_concepts_per_class", 0, ("n_concepts_per_class must be a positive integer or None", "got 0 (int)")),
         ("seed", 1.5, ("seed must be a non-negative integer", "1.5 (float)", "-p seed 0")),
-        ("profile", "huge", ("profile must be one of smoke, default, full", "'huge' (str)", "-p profile smoke")),
+        ("profile", "huge", ("profile must be one of smoke, compact, default, full", "(str)", "-p profile smoke")),
         ("model", 3, ("model must be a non-empty string", "3 (int)", "-p model smollm2-135m")),
         (
             "fractions",

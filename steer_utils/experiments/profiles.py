@@ -1,4 +1,5 @@
-"""Run sizes: `smoke` (tests, minutes), `default` (`make all`), `full` (the paper's benchmark)."""
+"""Run sizes: `smoke` (tests, minutes), `compact` (half the default, for a model too slow for it, e.g. the 1.5B),
+`default` (`make all`), `full` (the paper's benchmark)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ PROFILES = {
         study_coefficients=(0.015, 0.035),
         window_concepts_per_class=1,
         window_coefficients=(0.015, 0.035, 0.05, 0.1),
+    ),
+    "compact": Profile(  # the default's statements, questions and answers on half its concepts (10 per class)
+        "compact",
+        n_concepts_per_class=10,
+        n_statements=64,
+        n_questions=5,
+        max_new_tokens=50,
+        sweep_concepts_per_class=1,
+        statement_counts=(16, 32, 64),
+        layer_concepts_per_class=2,
+        study_concepts_per_class=2,
+        window_concepts_per_class=2,
     ),
     "default": Profile(
         "default",
