@@ -398,8 +398,8 @@ def draw_sheet(round_: int, per_cell: int, pool_per_cell: int, seed: int, out: P
         answers = steered_answers(steered_model, (0.025, 0.05), n_questions=5)
         answers = score_generations(judge, answers.assign(model=steered_model, notebook="api"))
         drawn = pd.concat([drawn, answers[answers.response.str.split().str.len() <= 60]])
-    sheet = drawn.sample(frac=1, random_state=seed).assign(id=[f"r{round_}-{i:03d}" for i in range(len(drawn))])
-    return _write_sheet(sheet, ["model", "notebook", "embedding_score", "p_yes", "score"], out)
+    sheet = drawn.sample(frac=1, random_state=seed)
+    return _write_sheet(sheet, round_, ["model", "notebook", "embedding_score", "p_yes", "score"], out)
 
 
 def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Path, setting: str = OURS) -> int:
@@ -412,15 +412,15 @@ def confirm_sheet(model: str, round_: int, n_negatives: int, seed: int, out: Pat
     if "embedding_score" not in generations:
         raise ValueError(f"{path} was judged by the embedding judge alone; rerun notebook 01 with the LLM judge.")
     sheet = confirmation_sheet(generations, set(load_cases().response), setting, n_negatives, seed)
-    ids = [f"r{round_}-{i:03d}" for i in range(len(sheet))]
-    sheet = sheet.assign(id=ids, model=model_slug(model), notebook="01", source=CONFIRMATION)
+    sheet = sheet.assign(model=model_slug(model), notebook="01", source=CONFIRMATION)
     key_columns = ["model", "notebook", "source", "setting", "coefficient", "embedding_score", "p_yes", "score"]
-    return _write_sheet(sheet, key_columns, out)
+    return _write_sheet(sheet, round_, key_columns, out)
 
 
-def _write_sheet(sheet: pd.DataFrame, key_columns: list[str], out: Path) -> int:
-    """Write the blind sheet (id, class, concept, question, response) to `out` and each id's `key_columns` to `out`
-    with `.key.csv`, to be kept apart while labelling."""
+def _write_sheet(sheet: pd.DataFrame, round_: int, key_columns: list[str], out: Path) -> int:
+    """Number the rows r<round>-NNN in order, write the blind sheet (id, class, concept, question, response) to `out`
+    and each id's `key_columns` to `out` with `.key.csv`, to be kept apart while labelling."""
+    sheet = sheet.assign(id=[f"r{round_}-{i:03d}" for i in range(len(sheet))])
     write_csv(sheet[["id", "concept_class", "concept", "question", "response"]], out)
     write_csv(sheet[["id", *key_columns]], out.with_suffix(".key.csv"))
     print(f"wrote {len(sheet)} responses to {out} (blind) and {out.with_suffix('.key.csv')}")

@@ -31,6 +31,17 @@ class Profile:
         return asdict(self)
 
 
+DEFAULT = Profile(  # `make all`
+    "default",
+    n_concepts_per_class=20,
+    n_statements=64,
+    n_questions=5,
+    max_new_tokens=50,
+    sweep_concepts_per_class=2,
+    statement_counts=(16, 32, 64),
+    layer_concepts_per_class=3,
+)
+
 PROFILES = {
     "smoke": Profile(
         "smoke",
@@ -49,28 +60,17 @@ PROFILES = {
         window_concepts_per_class=1,
         window_coefficients=(0.015, 0.035, 0.05, 0.1),
     ),
-    "compact": Profile(  # the default's statements, questions and answers on half its concepts (10 per class)
-        "compact",
+    # the default's statements, questions and answers on half its concepts (10 per class)
+    "compact": replace(
+        DEFAULT,
+        name="compact",
         n_concepts_per_class=10,
-        n_statements=64,
-        n_questions=5,
-        max_new_tokens=50,
         sweep_concepts_per_class=1,
-        statement_counts=(16, 32, 64),
         layer_concepts_per_class=2,
         study_concepts_per_class=2,
         window_concepts_per_class=2,
     ),
-    "default": Profile(
-        "default",
-        n_concepts_per_class=20,
-        n_statements=64,
-        n_questions=5,
-        max_new_tokens=50,
-        sweep_concepts_per_class=2,
-        statement_counts=(16, 32, 64),
-        layer_concepts_per_class=3,
-    ),
+    "default": DEFAULT,
     "full": Profile(
         "full",
         n_concepts_per_class=None,
