@@ -21,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import shutil
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -274,8 +273,9 @@ GGUF_CONVERSION_VERSION = 1  # bump when `_convert_gguf` writes something differ
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
     """`auto` -> fp32 on every CPU (the committed results' precision), bf16 on GPUs (fp16 where bf16 is missing).
 
-    bf16 on a CPU is an explicit choice (`dtype="bfloat16"`): fast with AMX / AVX512-BF16, emulated and
-    far slower without them (a warning says so). Which CPU runs never changes what `auto` means.
+    bf16 on a CPU is an explicit choice (`dtype="bfloat16"`): native with AMX / AVX512-BF16; without them `load_model`
+    computes its linear layers in fp32 on the bf16 values (`BF16Linear`). Which CPU runs never changes what `auto`
+    means.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -285,13 +285,36 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> tor
         return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use auto (fp32 on CPU, bf16 on GPU), {', '.join(DTYPES)}.")
-    if dtype == "bfloat16" and device == "cpu" and not cpu_has_fast_bf16():
-        warnings.warn(
-            "dtype='bfloat16' on a CPU without native bf16 (no avx512_bf16 / amx_bf16): it is emulated "
-            "and many times slower than float32 here; use dtype='auto' or 'float32'.",
-            stacklevel=2,
-        )
     return DTYPES[dtype]
+
+
+class BF16Linear(torch.nn.Linear):
+    """A bf16 linear layer for a CPU without bf16 instructions: its weights are fp32 copies of the bf16 values
+    (exact), the bf16 input is widened, the products (exact in fp32) are summed in fp32 and the sum is rounded to bf16.
+
+    That is what AMX / AVX512-BF16 compute, up to the order of the sums, at fp32's speed: torch's own bf16 matmul on
+    such a CPU is emulated and 4x slower (docs/performance.md). Other ops (norms, attention, activations) stay bf16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight, self.bias).to(torch.bfloat16)
+
+
+def widen_bf16_linears(model: torch.nn.Module) -> int:
+    """Turn each bf16 `nn.Linear` of `model` into a `BF16Linear` in place; returns how many were turned.
+
+    A linear layer tied to the embedding (an LM head) gets its own fp32 copy; the embedding stays bf16, so the
+    model's precision (its first parameter's) still reads bfloat16.
+    """
+    widened = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16:
+            module.weight = torch.nn.Parameter(module.weight.float(), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.float(), requires_grad=False)
+            module.__class__ = BF16Linear
+            widened += 1
+    return widened
 
 
 def _convert_gguf(gguf: Path, key: str, dtype: torch.dtype) -> Path:
@@ -488,6 +511,9 @@ def load_model(name: str, dtype: str | torch.dtype = "auto", device: str = "auto
         chat_template=template_kind(tokenizer),
         n_parameters=sum(p.numel() for p in model.parameters()),
     )
+    if torch_dtype == torch.bfloat16 and device == "cpu" and not cpu_has_fast_bf16():
+        widen_bf16_linears(model)  # bf16's numbers at fp32's speed where bf16 matmuls would be emulated (after
+        # counting the parameters: a tied LM head's own copy is not a parameter of the model)
     return model, tokenizer, info
 
 

@@ -37,7 +37,8 @@ from ..core.prompting import check_class, concept_text
 PROMPT_VERSION = 1  # bump when the wording below changes: cached P(yes) values are keyed by it
 JUDGE_MODEL = "qwen2.5-coder-1.5b"  # the default judge model, the one data/judge_calibration.json was chosen for
 # The judge's precision on every device: its matmuls run at 3x fp32's rate on CPUs with bf16 units (make bench), and
-# the calibration is chosen on bf16 P(yes). Another precision needs its own calibration (`Calibration.fits`).
+# the calibration is chosen on bf16 P(yes); CPUs without them sum its linear layers in fp32 (`models.BF16Linear`:
+# bf16's numbers at fp32's speed). Another precision needs its own calibration (`Calibration.fits`).
 JUDGE_DTYPE = "bfloat16"
 MEMO_CHUNK = 256  # responses judged between two writes of the P(yes) memo: a stop loses at most this many
 MEMO_KEYS = ["concept_class", "concept", "question", "response"]  # what a memoised P(yes) is looked up by

@@ -19,7 +19,8 @@ Measured in one run:
 - bf16 against fp32 (speed of extraction and generation; identical responses, equal judge scores and the
   steerability difference on a concept sample), where the CPU has native bf16 or on a GPU; skipped otherwise;
 - the judges (`bench_judges`, alone with `--only-judge`): responses/s of the embedding judge and of the LLM judge
-  (batch 1 and 8, instruction prefix shared or not, fp32 and, with native bf16, bf16) on stored responses, the share
+  (batch 1 and 8, instruction prefix shared or not, fp32 and bf16: native, or with its linear layers summed in fp32
+  where the CPU lacks bf16 instructions, `models.BF16Linear`) on stored responses, the share
   of stored responses its gate lets through, and the projected LLM-judge time of re-judging every stored response.
 
 Every model is loaded in fp32 on CPU (`dtype="auto"`), bf16 only in the bf16 section.
@@ -388,7 +389,7 @@ def bench_bf16(
     Agreement is measured on a seeded concept sample (`concepts_per_class` per class, attention-soft-rfm, the
     default grid and all questions): the share of identical responses and of equal judge scores, and the
     steerability difference bf16 - fp32 with a paired bootstrap CI over concepts. On a CPU without native bf16
-    the section is one row saying so (bf16 is emulated there, ~1 GFLOP/s: hours for what fp32 does in minutes).
+    the section is one row saying so (bf16's linear layers are summed in fp32 there: its speed says nothing of bf16's).
     """
     if device == "cpu" and not models.cpu_has_fast_bf16():
         table.add(
@@ -397,8 +398,8 @@ def bench_bf16(
             "skipped",
             0,
             "",
-            "this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so bf16 is "
-            "emulated and slow; run make bench on an AMX / AVX512-BF16 CPU or a GPU to measure it",
+            "this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so bf16's linear layers are summed in "
+            "fp32 here; run make bench on an AMX / AVX512-BF16 CPU or a GPU to measure bf16",
         )
         return
     sample = data.sample_concepts(concepts_per_class, seed=0)
@@ -613,9 +614,9 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
     table.add("judge", "embedding", "throughput", n / emb_s, "responses/s", f"{n} stored responses, {CONCEPT[0]}")
     gated = float(gate_mask(judge.score_generations(embedding, stored.sample(2000, random_state=seed))).mean())
     table.add("judge", JUDGE_MODEL, "gate passes", 100 * gated, "%", "of 2000 stored responses (coherent, answers)")
-    # bf16 is timed on every CPU: the notebooks judge in bf16 whatever the CPU (so verdicts do not depend on it),
-    # and without AVX512-BF16 or AMX its matmuls are emulated, several times slower than fp32.
-    bf16_kind = "native" if models.cpu_has_fast_bf16() else "emulated"
+    # bf16 is timed on every CPU: the notebooks judge in bf16 whatever the CPU (so verdicts do not depend on it);
+    # without AVX512-BF16 or AMX its linear layers are summed in fp32 (`models.BF16Linear`).
+    bf16_kind = "native" if models.cpu_has_fast_bf16() else "linear layers in fp32"
     per_response = {}
     for dtype in ("float32", "bfloat16"):
         grader = judge.load_judge("llm", dtype=dtype, calibration=Calibration())

