@@ -47,8 +47,8 @@ PROFILES = {
         "smoke",
         n_concepts_per_class=1,
         n_statements=16,
-        n_questions=5,
-        max_new_tokens=24,
+        n_questions=4,  # the fewest the held-out protocol takes: 2 to choose the coefficient on, 2 to score
+        max_new_tokens=16,
         sweep_concepts_per_class=1,
         statement_counts=(8, 16),
         layer_concepts_per_class=1,

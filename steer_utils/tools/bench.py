@@ -21,7 +21,9 @@ Measured in one run:
 - the judges (`bench_judges`, alone with `--only-judge`): responses/s of the embedding judge and of the LLM judge
   (batch 1 and 8, instruction prefix shared or not, fp32 and bf16: native, or with its linear layers summed in fp32
   where the CPU lacks bf16 instructions, `models.BF16Linear`) on stored responses, the share
-  of stored responses its gate lets through, and the projected LLM-judge time of re-judging every stored response.
+  of stored responses its gate lets through, and the projected LLM-judge time of re-judging every stored response;
+  then bf16 against fp32 on the hand-labelled cases (native bf16), or, without native bf16, both precisions' P(yes)
+  against the bf16 P(yes) a native-bf16 CPU committed (`bench_judge_against_native`).
 
 Every model is loaded in fp32 on CPU (`dtype="auto"`), bf16 only in the bf16 section.
 """
@@ -643,8 +645,9 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
 def bench_judge_bf16(table: Table) -> None:
     """bf16 against fp32 for the LLM judge on every hand-labelled case, both under the committed verdict rule (the
     calibration chosen in bf16): equal verdicts, the largest P(yes) difference, and each precision's kappa on the
-    generated rounds' test halves (native bf16 only)."""
+    generated rounds' test halves (native bf16; without it, `bench_judge_against_native`)."""
     if not models.cpu_has_fast_bf16():
+        bench_judge_against_native(table)
         return
     cases = judge.load_cases()
     rule = Calibration.load(JUDGE_CALIBRATION_FILE)  # else fp32 falls back to P(yes) > 0.5, a different rule
@@ -660,6 +663,47 @@ def bench_judge_bf16(table: Table) -> None:
     for dtype, frame in scored.items():
         kappa = judge.agreement(frame.label[test], frame.score[test])["kappa"]
         table.add("judge", JUDGE_MODEL, f"test-half kappa, {dtype}", kappa, "", "generated rounds' test halves")
+
+
+NATIVE_P_YES = RESULTS_DIR / "qwen2.5-coder-0.5b" / "01_generations.csv"  # judged in bf16 on a native-bf16 CPU
+
+
+def bench_judge_against_native(
+    table: Table, per_class: int = 16, seed: int = 0, committed: Path = NATIVE_P_YES, rule: Calibration | None = None
+) -> None:
+    """On a CPU without bf16 instructions: the judge's P(yes) here, in bf16 (its linear layers summed in fp32,
+    `models.BF16Linear`) and in fp32, against the bf16 P(yes) a native-bf16 CPU committed for the same responses
+    (`per_class` gated responses per class, seeded): speed, largest and mean |difference|, equal verdicts under
+    the committed rule."""
+    versions = committed.parent / "versions.csv"
+    if not (committed.is_file() and versions.is_file() and "(native bf16)" in versions.read_text()):
+        return  # nothing judged on a native-bf16 CPU to compare with
+    rule = rule or Calibration.load(JUDGE_CALIBRATION_FILE)
+    keys = ["concept_class", "concept", "question", "response"]
+    stored = pd.read_csv(committed, keep_default_na=False, na_values=[""])  # a response "NA" stays text
+    stored = stored[stored.p_yes.notna()].drop_duplicates(keys)
+    classes = [
+        part
+        for _, part in stored.groupby("concept_class")
+        .sample(per_class, random_state=seed)
+        .groupby("concept_class", sort=False)
+    ]
+    sample = pd.concat(classes)
+    for dtype, label in (("bfloat16", "bf16, linear layers summed in fp32"), ("float32", "fp32")):
+        grader = judge.load_judge("llm", dtype=dtype, calibration=rule)
+        grader.memo = None  # computed here, never read from the P(yes) memo
+        start = time.perf_counter()
+        p_yes = np.concatenate(
+            [grader.p_yes(c.concept_class.iloc[0], c.concept, c.question, c.response) for c in classes]
+        )
+        seconds = time.perf_counter() - start
+        change = np.abs(p_yes - sample.p_yes.to_numpy(float))
+        equal = rule.verdict(sample.assign(p_yes=p_yes)) == rule.verdict(sample)
+        note = f"{label}; {len(sample)} responses of {committed.parent.name}/{committed.name}, judged on a native CPU"
+        table.add("judge", JUDGE_MODEL, "vs native bf16: throughput", len(sample) / seconds, "responses/s", note)
+        table.add("judge", JUDGE_MODEL, "vs native bf16: max |P(yes) change|", change.max(), "", note)
+        table.add("judge", JUDGE_MODEL, "vs native bf16: mean |P(yes) change|", change.mean(), "", note)
+        table.add("judge", JUDGE_MODEL, "vs native bf16: equal verdicts", 100 * equal.mean(), "%", note)
 
 
 def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
@@ -719,7 +763,7 @@ def run(
     bench_judge_bf16(table)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
-    native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is emulated: a % of it means nothing
+    native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is not bf16's own speed here
     for row in frame[frame.quantity.isin(["achieved", "achieved, ours"])].itertuples():
         for dtype in ("fp32", "bf16") if native_bf16 else ("fp32",):
             table.add(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,17 +44,24 @@ class _NoEmbedding:
         )
 
 
-@pytest.fixture(scope="module")
-def tiny_judge():
-    """An LLMJudge over a 2-block random llama whose tokenizer has Yes and No as single tokens."""
+def save_tiny_judge(folder: Path) -> Path:
+    """Save a 2-block random llama whose tokenizer has Yes and No as single tokens (and a chat template)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens(["Yes", "No"])
     fields = tiny_config_fields(tokenizer) | {"max_position_embeddings": 4096}
-    model = LlamaForCausalLM(LlamaConfig(**fields, num_hidden_layers=2, initializer_range=0.3)).eval()
-    return LLMJudge("tiny", _NoEmbedding(), batch_size=2, loaded=(model, tokenizer))
+    LlamaForCausalLM(LlamaConfig(**fields, num_hidden_layers=2, initializer_range=0.3)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    """An LLMJudge over the tiny judge model in fp32."""
+    folder = save_tiny_judge(tmp_path_factory.mktemp("tiny-judge"))
+    return LLMJudge("tiny", _NoEmbedding(), batch_size=2, loaded=models.load_model(str(folder), "float32", "cpu")[:2])
 
 
 def _p(judge_, **kwargs):

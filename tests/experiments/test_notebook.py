@@ -17,7 +17,7 @@ def outputs(tmp_path, monkeypatch):
 def test_start_checks_parameters_and_applies_profile_overrides(outputs):
     run = notebook.start(model="org/m", profile="smoke", n_statements=8, window_concepts_per_class=2, seed=3)
     assert (run.profile.name, run.profile.n_statements, run.profile.window_concepts_per_class) == ("smoke", 8, 2)
-    assert run.profile.n_questions == 5 and run.protocol == ADOPTED and run.variant == ""
+    assert run.profile.n_questions == 4 and run.protocol == ADOPTED and run.variant == ""
     assert run.out_dir == outputs / "results" / "org--m" and run.out_dir.is_dir() and run.fig_dir.is_dir()
     assert (run.seed, run.stop_loops) == (3, True)
     with pytest.raises(ValueError, match="n_statements"):
@@ -34,7 +34,7 @@ def test_the_run_context_steers_over_the_models_window(outputs, monkeypatch, tin
     model, tokenizer, _ = tiny
     monkeypatch.setitem(window.WINDOWS, "m", (0.01, 0.02, 0.03, 0.05))
     context = notebook.start(model="m", profile="smoke", stop_loops=False).context(model, tokenizer, ["s"], {})
-    assert context.coefficients == (0.01, 0.02, 0.03, 0.05) and context.max_new_tokens == 24
+    assert context.coefficients == (0.01, 0.02, 0.03, 0.05) and context.max_new_tokens == 16
     assert not context.stop_loops and context.model_name == "m"
     other = notebook.start(model="other", profile="smoke").context(model, tokenizer, ["s"], {})
     assert other.coefficients == pipeline.COEFFICIENTS

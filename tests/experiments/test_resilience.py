@@ -37,7 +37,7 @@ from steer_utils.paths import NOTEBOOKS_DIR, ROOT
 
 NOTEBOOK = NOTEBOOKS_DIR / "01_token_selection.ipynb"
 PARAMETERS = ["-p", "profile", "smoke", "-p", "n_concepts_per_class", "2"]  # 10 concepts x 3 settings
-N_CONCEPTS, N_SETTINGS, N_QUESTIONS = 10, 3, 5
+N_CONCEPTS, N_SETTINGS, N_QUESTIONS = 10, 3, 4
 STAND_IN_JUDGE = """
 import hashlib, os
 from pathlib import Path

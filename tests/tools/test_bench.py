@@ -197,3 +197,46 @@ def test_peak_rss_script_binds_every_name_it_uses():
             bound.add(node.id)
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert read <= bound, read - bound
+
+
+def test_judge_against_native_compares_both_paths_with_the_committed_p_yes(tmp_path, monkeypatch):
+    """Without bf16 instructions, the judge's bf16 (linear layers summed in fp32) and fp32 P(yes) are set beside the
+    P(yes) a native-bf16 CPU committed: here a tiny judge 'committed' its own native bf16 values, so bf16 differs
+    from them only by the order of sums and fp32 by more; nothing is compared when the committed run was not native."""
+    from steer_utils.experiments import judge
+    from steer_utils.experiments.llm_judge import Calibration, LLMJudge
+    from tests.experiments.test_llm_judge import CASES, _NoEmbedding, save_tiny_judge
+
+    folder = tmp_path / "some-model"
+    folder.mkdir()
+    model_dir = save_tiny_judge(tmp_path / "judge")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    native = LLMJudge("tiny", _NoEmbedding(), loaded=models.load_model(str(model_dir), "bfloat16", "cpu")[:2])
+    concepts, questions, responses = zip(*CASES)
+    stored = pd.DataFrame(
+        {"concept_class": "places", "concept": concepts, "question": questions, "response": responses}
+    )
+    stored["p_yes"] = native.p_yes("places", concepts, questions, responses)
+    stored.to_csv(folder / "01_generations.csv", index=False)
+    (folder / "versions.csv").write_text("package,version\ncpu,Some CPU (native bf16)\n")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    loaded = []
+
+    def load_tiny(name, dtype, calibration):
+        loaded.append(dtype)
+        return LLMJudge("tiny", _NoEmbedding(), calibration, loaded=models.load_model(str(model_dir), dtype, "cpu")[:2])
+
+    monkeypatch.setattr(judge, "load_judge", load_tiny)
+    table = bench.Table()
+    committed = folder / "01_generations.csv"
+    bench.bench_judge_against_native(table, per_class=len(CASES), committed=committed, rule=Calibration())
+    assert loaded == ["bfloat16", "float32"]
+    frame = table.frame()
+    change = frame[frame.quantity == "vs native bf16: max |P(yes) change|"].set_index("note").value
+    widened, fp32 = change.iloc[0], change.iloc[1]
+    assert widened < 0.05 and widened <= fp32
+    assert frame[frame.quantity == "vs native bf16: equal verdicts"].value.between(0, 100).all()
+    (folder / "versions.csv").write_text("package,version\ncpu,Some CPU (no native bf16)\n")
+    before = len(table.frame())
+    bench.bench_judge_against_native(table, committed=committed, rule=Calibration())
+    assert len(table.frame()) == before
