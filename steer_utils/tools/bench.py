@@ -54,7 +54,7 @@ from ..core.protocol import ADOPTED, default_blocks
 from ..core.resources import registered_hooks
 from ..experiments import data, evaluation, judge, layers, pipeline, plots
 from ..experiments.judge_validation import stored_generations
-from ..experiments.llm_judge import JUDGE_DTYPE, JUDGE_MODEL, Calibration, gate_mask
+from ..experiments.llm_judge import JUDGE_DTYPE, JUDGE_MODEL, MEMO_KEYS, Calibration, gate_mask
 from ..paths import FIGURES_DIR, JUDGE_CALIBRATION_FILE, RESULTS_DIR, ROOT, model_slug
 
 SETTINGS = (training.PRIOR, training.HARD, training.OURS)  # notebook 01's grid
@@ -679,9 +679,8 @@ def bench_judge_against_native(
     if not (committed.is_file() and versions.is_file() and "(native bf16)" in versions.read_text()):
         return  # nothing judged on a native-bf16 CPU to compare with
     rule = rule or Calibration.load(JUDGE_CALIBRATION_FILE)
-    keys = ["concept_class", "concept", "question", "response"]
     stored = pd.read_csv(committed, keep_default_na=False, na_values=[""])  # a response "NA" stays text
-    stored = stored[stored.p_yes.notna()].drop_duplicates(keys)
+    stored = stored[stored.p_yes.notna()].drop_duplicates(MEMO_KEYS)
     classes = [
         part
         for _, part in stored.groupby("concept_class")
