@@ -65,6 +65,14 @@ def test_profiles_and_overrides():
         profiles.resolve_profile("smoke", n_statements="10")
 
 
+def test_block_sets_of_notebook_03_come_from_the_profile_and_a_list_override_becomes_a_tuple():
+    default, smoke = profiles.resolve_profile("default"), profiles.resolve_profile("smoke")
+    assert (default.fractions, default.n_random) == ((0.25, 0.5), 3)  # 1 + 2 x (top, bottom, 3 random) = 11 sets
+    assert (smoke.fractions, smoke.n_random) == ((0.5,), 1)  # 4 sets
+    overridden = profiles.resolve_profile("smoke", fractions=[0.25], n_random=None)
+    assert overridden.fractions == (0.25,) and overridden.n_random == 1
+
+
 def _dry_run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
 

@@ -18,6 +18,8 @@ class Profile:
     sweep_concepts_per_class: int  # concepts per class in the sweeps of notebook 02
     statement_counts: tuple[int, ...]  # training-set sizes of the statement-count sweep
     layer_concepts_per_class: int = 1  # concepts per class steered through top/bottom/random block sets (03)
+    fractions: tuple[float, ...] = (0.25, 0.5)  # ... shares of the steerable blocks those sets keep (03)
+    n_random: int = 3  # ... random sets drawn per share (03)
     sadi_head_ks: tuple[int, ...] = (1, 4, 10)  # SADI tuning grid (05): heads kept by the mask
     sadi_hidden_ks: tuple[int, ...] = (1, 5, 20)  # ... MLP output dimensions kept by the mask
     sadi_deltas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # ... scalings a' = a + delta * a
@@ -52,6 +54,8 @@ PROFILES = {
         sweep_concepts_per_class=1,
         statement_counts=(8, 16),
         layer_concepts_per_class=1,
+        fractions=(0.5,),  # 4 block sets (all, top, bottom, one random) instead of 11
+        n_random=1,
         sadi_head_ks=(1, 4),
         sadi_hidden_ks=(1, 5),
         sadi_deltas=(1.0, 5.0),
@@ -85,6 +89,8 @@ PROFILES = {
 
 
 def _check_size(name: str, value) -> None:
+    if isinstance(value, (list, tuple)):
+        return  # a list field (e.g. fractions): parameters.check_parameters checks its entries
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"Parameter {name} must be a positive integer or None (profile default), got {value!r}.")
 
@@ -101,4 +107,5 @@ def resolve_profile(profile: str, **overrides: int | None) -> Profile:
         )
     for key, value in overrides.items():
         _check_size(key, value)
-    return replace(PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None})
+    chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    return replace(PROFILES[profile], **chosen)
