@@ -71,6 +71,8 @@ def test_block_sets_of_notebook_03_come_from_the_profile_and_a_list_override_bec
     assert (smoke.fractions, smoke.n_random) == ((0.5,), 1)  # 4 sets
     overridden = profiles.resolve_profile("smoke", fractions=[0.25], n_random=None)
     assert overridden.fractions == (0.25,) and overridden.n_random == 1
+    with pytest.raises(ValueError, match="fractions must be a non-empty list of positive numbers"):
+        profiles.resolve_profile("smoke", fractions=["half"])
 
 
 def _dry_run(*args: str) -> subprocess.CompletedProcess:

@@ -89,13 +89,15 @@ PROFILES = {
 
 
 def _check_size(name: str, value) -> None:
-    if isinstance(value, (list, tuple)):
-        return  # a list field (e.g. fractions): parameters.check_parameters checks its entries
+    if isinstance(value, (list, tuple)):  # a list field (fractions, coefficients, counts): a non-empty list of numbers
+        if not value or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in value):
+            raise ValueError(f"Parameter {name} must be a non-empty list of positive numbers, got {value!r}.")
+        return
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"Parameter {name} must be a positive integer or None (profile default), got {value!r}.")
 
 
-def resolve_profile(profile: str, **overrides: int | None) -> Profile:
+def resolve_profile(profile: str, **overrides: int | tuple | list | None) -> Profile:
     """The named profile with any non-None overrides applied (e.g. n_statements=32)."""
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile '{profile}'; use one of: {', '.join(PROFILES)}.")
