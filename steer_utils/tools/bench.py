@@ -55,9 +55,11 @@ from ..core.resources import registered_hooks
 from ..experiments import data, evaluation, judge, layers, pipeline, plots
 from ..experiments.judge_validation import stored_generations
 from ..experiments.llm_judge import JUDGE_DTYPE, JUDGE_MODEL, MEMO_KEYS, Calibration, gate_mask
+from ..experiments.profiles import PROFILES
 from ..paths import FIGURES_DIR, JUDGE_CALIBRATION_FILE, RESULTS_DIR, ROOT, model_slug
 
 SETTINGS = (training.PRIOR, training.HARD, training.OURS)  # notebook 01's grid
+PROJECTED_PROFILES = ("default", "compact")  # notebook 01 is projected at these, with the LLM judge
 CONCEPT = ("moods", "cheerful")
 
 
@@ -606,8 +608,9 @@ def bench_loop_stopping(table: Table, name: str, tokenizer, grader=None, max_new
         )
 
 
-def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
-    """Responses/s of both judges on `n` stored responses of one class (seeded), and what re-judging all would cost."""
+def bench_judges(table: Table, n: int = 32, seed: int = 0) -> tuple[float, float]:
+    """Responses/s of both judges on `n` stored responses of one class (seeded), and what re-judging all would cost;
+    returns (the share of stored responses the LLM judge's gate passes, its fastest seconds per response)."""
     stored = stored_generations()
     sample = stored[stored.concept_class == CONCEPT[0]].sample(n, random_state=seed)
     rows = (CONCEPT[0], sample.concept.tolist(), sample.question.tolist(), sample.response.tolist())
@@ -640,6 +643,7 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> None:
     hours = len(stored) * gated * best / 3600
     note = f"{len(stored)} unique stored responses, gated, the fastest {JUDGE_DTYPE} setting (the notebooks' judge)"
     table.add("judge", JUDGE_MODEL, "re-judge stored", hours, "h", note)
+    return gated, best
 
 
 def bench_judge_bf16(table: Table) -> None:
@@ -725,6 +729,34 @@ def project_full(table: Table, name: str, costs: dict[str, float]) -> None:
     )
 
 
+def project_notebook_01(
+    table: Table, name: str, costs: dict[str, float], profile: str, judge_seconds: float, gate_share: float
+) -> None:
+    """Notebook 01 at a profile with its judge: per concept, extraction and the three settings' fits at the profile's
+    statements, its rows generated (the settings' and the random control's grid plus the unsteered answers, at the
+    measured grid's cost per row) and the LLM judge on the rows its gate passes (`judge_seconds` per response)."""
+    chosen = PROFILES[profile]
+    n_concepts, n = len(data.sample_concepts(chosen.n_concepts_per_class)), chosen.n_statements
+    extract_s = power_law(costs["counts"], costs["extract"], n)
+    capped = n * costs["examples"][0] / costs["counts"][0] >= vectors.RFM_MAX_EXAMPLES
+    fit_s = len(SETTINGS) * (costs["fit"][-1] if capped else power_law(costs["counts"], costs["fit"], n))
+    grid_rows = len(SETTINGS) * len(pipeline.COEFFICIENTS) * chosen.n_questions  # what `costs` timed
+    rows = (len(SETTINGS) + 1) * len(pipeline.COEFFICIENTS) * chosen.n_questions + chosen.n_questions
+    generate_s = costs["generate"] * rows / grid_rows
+    judge_s = rows * (costs["judge"] / grid_rows + gate_share * judge_seconds)
+    per_concept = extract_s + fit_s + generate_s + judge_s
+    table.add(
+        "projection",
+        name,
+        f"01 {profile} profile",
+        n_concepts * per_concept / 60,
+        "min",
+        f"{n_concepts} concepts x {per_concept:.0f} s ({n} statements: extract {extract_s:.0f} s, fit {fit_s:.0f} s, "
+        f"generate {rows} rows {generate_s:.0f} s, judge {judge_s:.0f} s: LLM judge on the {100 * gate_share:.0f}% "
+        f"its gate passes at {judge_seconds:.2f} s each; protocol {ADOPTED.name})",
+    )
+
+
 def run(
     models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool, bf16_concepts_per_class: int = 1
 ) -> pd.DataFrame:
@@ -740,7 +772,7 @@ def run(
         "GFLOP/s",
         "best of 1 (slow without avx512_bf16)" if device == "cpu" else "4096^3",
     )
-    grader = None
+    grader, costs = None, {}
     for i, name in enumerate(models_):
         model, tokenizer, info = models.load_model(name)
         if i == 0:
@@ -751,14 +783,17 @@ def run(
         table.add("model", name, "dtype", 16 if "16" in info.dtype else 32, "bits", f"{info.dtype} on {info.device}")
         bench_extraction(table, name, model, tokenizer, reference_statements)
         bench_loop_stopping(table, name, tokenizer, grader)
-        costs = bench_stages(table, name, model, tokenizer, counts, grader)
-        project_full(table, name, costs)
+        costs[name] = bench_stages(table, name, model, tokenizer, counts, grader)
+        project_full(table, name, costs[name])
         if i == 0 and rss:
             table.add("memory", name, "peak RSS, one default-profile concept", peak_rss(name), "GiB", "fresh process")
         notebook_times(table, name)
         del model
         bench_bf16(table, name, grader, device, bf16_concepts_per_class)
-    bench_judges(table)
+    gate_share, judge_seconds = bench_judges(table)
+    for name, measured in costs.items():
+        for profile in PROJECTED_PROFILES:
+            project_notebook_01(table, name, measured, profile, judge_seconds, gate_share)
     bench_judge_bf16(table)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
@@ -834,6 +869,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocess")
     parser.add_argument("--bf16-concepts", type=int, default=1, help="concepts per class in the bf16 agreement check")
     parser.add_argument("--only-judge", action="store_true", help="only the judges -> results/bench_judge.csv")
+    parser.add_argument(
+        "--out",
+        default="bench",
+        help="name of the table and figure (results/NAME.csv, figures/NAME.png), e.g. to "
+        "bench one more model without replacing the committed run",
+    )
     args = parser.parse_args(argv)
     if args.only_judge:
         table = Table()
@@ -845,8 +886,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table.frame().to_string(index=False))
         return
     frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss, args.bf16_concepts)
-    write_csv(frame, RESULTS_DIR / "bench.csv")
-    plots.save_figure(plot(frame), FIGURES_DIR, "bench")
+    write_csv(frame, RESULTS_DIR / f"{args.out}.csv")
+    plots.save_figure(plot(frame), FIGURES_DIR, args.out)
     with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 500):
         print(frame.assign(value=frame.value.round(3)).to_string(index=False))
 

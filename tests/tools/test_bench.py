@@ -176,6 +176,19 @@ def test_stage_section_under_the_adopted_protocol_with_the_rfm_cap(tiny_model_di
     assert "the measured capped fit" in table.frame().query("section == 'projection'").note.iloc[0]
 
 
+def test_notebook_01_projection_counts_the_controls_and_the_gated_llm_judge():
+    costs = {"counts": (16, 64), "examples": [80, 320], "extract": [1.0, 4.0], "fit": [1.0, 4.0]}
+    costs |= {"generate": 60.0, "judge": 6.0}  # 1 s and 0.1 s per row of the timed 60-row grid
+    table = bench.Table()
+    bench.project_notebook_01(table, "tiny", costs, "compact", judge_seconds=2.0, gate_share=0.5)
+    row = table.frame().iloc[0]
+    # 85 rows = (3 settings + the random control) x 4 eps x 5 questions + 5 unsteered answers; per concept:
+    # extract 4 s + 3 fits x 4 s + 85 x 1 s + 85 x (0.1 s + 0.5 x 2 s) = 194.5 s, for 50 concepts
+    assert row.quantity == "01 compact profile" and row.unit == "min"
+    assert row.value == pytest.approx(50 * 194.5 / 60, rel=1e-3)
+    assert "generate 85 rows" in row.note and "50% its gate passes" in row.note
+
+
 def test_peak_rss_script_binds_every_name_it_uses():
     """The fresh process's script is a string, so no import check sees it: every name it reads must be imported,
     assigned or a builtin, and every module it imports must exist."""
