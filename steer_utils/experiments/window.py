@@ -34,6 +34,9 @@ WINDOWS: dict[str, tuple[float, ...]] = {
     # default profile, 20 development concepts (2026-12-06): held-out 0.05 ties the window 0.025-0.075, best-of-grid
     # 0.14 against 0.12; its random control 0.00 held-out. The text breaks above 0.05 (coherent 0.89 -> 0.43 -> 0.19).
     "qwen2.5-coder-0.5b": (0.035, 0.05, 0.075, 0.1),
+    # compact profile, 10 development concepts (2026-12-07): held-out 0.10 ties the window 0.025-0.075, best-of-grid
+    # 0.26 against 0.24; its random control 0.00. The text breaks above 0.05 (coherent 0.84 -> 0.34 -> 0.04).
+    "qwen2.5-coder-1.5b": (0.035, 0.05, 0.075, 0.1),
 }
 
 
