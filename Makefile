@@ -20,6 +20,8 @@ PROTOCOL ?=
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 # make bench writes results/$(BENCH_OUT).csv and figures/$(BENCH_OUT).{png,pdf} (another name keeps the committed run).
 BENCH_OUT ?= bench
+# More options of python -m steer_utils.tools.bench, e.g. --no-judge-agreement (see its --help).
+BENCH_ARGS ?=
 # Sharding (see steer_utils/tools/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
 NUM_SHARDS ?= 1
@@ -145,7 +147,7 @@ rejudge: $(STAMP) ## P(yes) of every committed response from the LLM judge, into
 	$(BIN)/python -m steer_utils.experiments.judge_validation rejudge
 
 bench: $(STAMP) ## Time extraction (vs the reference loop), every stage, RFM and memory -> results/bench.csv, figures/bench.*
-	$(BIN)/python -m steer_utils.tools.bench --models $(BENCH_MODELS) --out $(BENCH_OUT)
+	$(BIN)/python -m steer_utils.tools.bench --models $(BENCH_MODELS) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 gpu-check: $(STAMP) ## On a CUDA machine: the smoke profile of 01 and 05 in bf16 on the GPU against fp32 on the CPU
 	$(BIN)/python -m steer_utils.tools.gpu_check --models $(BENCH_MODELS) --llm-judge

@@ -758,9 +758,15 @@ def project_notebook_01(
 
 
 def run(
-    models_: list[str], counts: tuple[int, ...], reference_statements: int, rss: bool, bf16_concepts_per_class: int = 1
+    models_: list[str],
+    counts: tuple[int, ...],
+    reference_statements: int,
+    rss: bool,
+    bf16_concepts_per_class: int = 1,
+    judge_agreement: bool = True,
 ) -> pd.DataFrame:
-    """All measurements for the given models; the first model also gets the RFM and memory sections."""
+    """All measurements for the given models; the first model also gets the RFM and memory sections.
+    `judge_agreement=False` skips the judge's bf16-vs-fp32 check on every hand-labelled case (cold: ~45 min)."""
     table = Table()
     device = models.resolve_device("auto")
     table.add("peak", device, "matmul fp32", matmul_peak(torch.float32, 2048, device), "GFLOP/s", "2048^3, best of 3")
@@ -794,7 +800,8 @@ def run(
     for name, measured in costs.items():
         for profile in PROJECTED_PROFILES:
             project_notebook_01(table, name, measured, profile, judge_seconds, gate_share)
-    bench_judge_bf16(table)
+    if judge_agreement:
+        bench_judge_bf16(table)
     frame = table.frame()
     peaks = frame[frame.section == "peak"].set_index("quantity").value
     native_bf16 = device != "cpu" or models.cpu_has_fast_bf16()  # else bf16 is not bf16's own speed here
@@ -870,6 +877,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16-concepts", type=int, default=1, help="concepts per class in the bf16 agreement check")
     parser.add_argument("--only-judge", action="store_true", help="only the judges -> results/bench_judge.csv")
     parser.add_argument(
+        "--no-judge-agreement",
+        action="store_true",
+        help="skip the judge's bf16-vs-fp32 verdicts on every hand-labelled case (about 45 min without the judge's "
+        "memo), e.g. when benching one more model beside a committed run that has them",
+    )
+    parser.add_argument(
         "--out",
         default="bench",
         help="name of the table and figure (results/NAME.csv, figures/NAME.png), e.g. to "
@@ -885,7 +898,14 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(table.frame(), RESULTS_DIR / "bench_judge.csv")
         print(table.frame().to_string(index=False))
         return
-    frame = run(args.models, tuple(args.statements), args.reference_statements, not args.no_rss, args.bf16_concepts)
+    frame = run(
+        args.models,
+        tuple(args.statements),
+        args.reference_statements,
+        not args.no_rss,
+        args.bf16_concepts,
+        not args.no_judge_agreement,
+    )
     write_csv(frame, RESULTS_DIR / f"{args.out}.csv")
     plots.save_figure(plot(frame), FIGURES_DIR, args.out)
     with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 500):

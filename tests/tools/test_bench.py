@@ -189,6 +189,19 @@ def test_notebook_01_projection_counts_the_controls_and_the_gated_llm_judge():
     assert "generate 85 rows" in row.note and "50% its gate passes" in row.note
 
 
+def test_no_judge_agreement_reaches_the_run_and_names_the_output(tmp_path, monkeypatch):
+    calls = []
+    frame = pd.DataFrame({"section": ["peak"], "model": ["cpu"], "quantity": ["q"], "value": [1.0], "unit": [""]})
+    monkeypatch.setattr(bench, "run", lambda *args: calls.append(args) or frame.assign(note=""))
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench, "plot", lambda frame: None)
+    monkeypatch.setattr(bench.plots, "save_figure", lambda fig, folder, name: None)
+    bench.main(["--models", "tiny", "--out", "bench-tiny", "--no-judge-agreement"])
+    bench.main(["--models", "tiny", "--out", "bench-tiny"])
+    assert [args[-1] for args in calls] == [False, True]  # judge_agreement, off then on by default
+    assert (tmp_path / "bench-tiny.csv").is_file()
+
+
 def test_peak_rss_script_binds_every_name_it_uses():
     """The fresh process's script is a string, so no import check sees it: every name it reads must be imported,
     assigned or a builtin, and every module it imports must exist."""
