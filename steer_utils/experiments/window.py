@@ -37,6 +37,10 @@ WINDOWS: dict[str, tuple[float, ...]] = {
     # compact profile, 10 development concepts (2026-12-07): held-out 0.10 ties the window 0.025-0.075, best-of-grid
     # 0.26 against 0.24; its random control 0.00. The text breaks above 0.05 (coherent 0.84 -> 0.34 -> 0.04).
     "qwen2.5-coder-1.5b": (0.035, 0.05, 0.075, 0.1),
+    # default profile, 20 development concepts (2026-12-07): held-out 0.067 ties the window 0.035-0.1, best-of-grid
+    # 0.09 against 0.08 (notebook 01's grid: 0.033 and 0.10); its random control 0.00. The text breaks above 0.025
+    # (coherent 0.84 -> 0.60 -> 0.35). Small numbers: 3 to 6 of 100 answers on-concept at any one eps.
+    "smollm2-135m": (0.025, 0.035, 0.05, 0.075),
 }
 
 
