@@ -640,17 +640,18 @@ def bench_judges(table: Table, n: int = 32, seed: int = 0) -> tuple[float, float
         change = float(np.abs(verdicts[True] - verdicts[False]).max())
         table.add("judge", JUDGE_MODEL, "last-token LM head max |P(yes) change|", change, "", f"{dtype}; {n} responses")
     best = min(seconds for (dtype, *_), seconds in per_response.items() if dtype == JUDGE_DTYPE)
-    # What a notebook pays per response: the gate's share reaches the LLM, the rest costs the embedding judge only.
+    llm_seconds = gated * best  # the LLM's cost per response once gated: only the gate's share reaches it
+    # What a notebook pays per response: the LLM's gated cost plus the embedding judge, which sees every response.
     table.add(
         "judge",
         JUDGE_MODEL,
         "throughput, gated",
-        1 / (gated * best + emb_s / n),
+        1 / (llm_seconds + emb_s / n),
         "responses/s",
         f"every response: the embedding judge, then the LLM on the {100 * gated:.0f}% its gate passes at the fastest "
         f"{JUDGE_DTYPE} setting (issue target: 5)",
     )
-    hours = len(stored) * gated * best / 3600
+    hours = len(stored) * llm_seconds / 3600
     note = f"{len(stored)} unique stored responses, gated, the fastest {JUDGE_DTYPE} setting (the notebooks' judge)"
     table.add("judge", JUDGE_MODEL, "re-judge stored", hours, "h", note)
     return gated, best
