@@ -48,6 +48,12 @@ def result_models(name: str = "01_steerability.csv", results_root: Path | None =
     return sorted(p.name for p in root.iterdir() if (p / variant / name).is_file()) if root.is_dir() else []
 
 
+def having(name: str, models: list[str], results_root: Path | None = None, variant: str = "") -> list[str]:
+    """The models among `models` whose results folder (its `variant` subfolder) holds `name`, in their order."""
+    root = Path(results_root or paths.RESULTS_DIR)
+    return [m for m in map(paths.model_slug, models) if (root / m / variant / name).is_file()]
+
+
 def collect(
     name: str, models: list[str] | None = None, results_root: Path | None = None, variant: str = ""
 ) -> pd.DataFrame:

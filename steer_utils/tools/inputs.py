@@ -14,8 +14,7 @@ NOTEBOOK_INPUTS = {
         "01_generations.csv",
         "01_fits.csv",
         "01_paired_tests.csv",
-        "03_enrichment.csv",
-    ),
+    ),  # notebooks 02, 03 and 05: compared for the models they ran for, the others named
     "05_baselines": ("03_steerability.csv",),
 }
 

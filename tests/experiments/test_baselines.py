@@ -171,6 +171,8 @@ def test_collect_reads_a_protocol_variant_and_checks_the_training_protocol(tmp_p
     assert scaling.result_models(results_root=tmp_path, variant="protocol-paper") == ["a-model", "b-model"]
     table = scaling.collect("01_steerability.csv", results_root=tmp_path, variant="protocol-paper")
     assert table.model.unique().tolist() == ["a-model", "b-model"] and len(table) == 6
+    assert scaling.having("03_enrichment.csv", ["b-model", "a-model"], tmp_path, "protocol-paper") == ["a-model"]
+    assert scaling.having("03_enrichment.csv", ["b-model", "a-model"], tmp_path) == ["b-model", "a-model"]
     with pytest.raises(FileNotFoundError, match="results/b-model/protocol-paper/03_enrichment.csv is missing"):
         scaling.collect("03_enrichment.csv", ["a-model", "b-model"], results_root=tmp_path, variant="protocol-paper")
 
