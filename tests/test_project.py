@@ -108,6 +108,8 @@ def test_versions_are_written(tmp_path):
     versions = pd.read_csv(provenance.write_versions(tmp_path, info)).set_index("package").version
     assert (versions["dtype"], versions["device"]) == ("float32", "cpu") and "bf16)" in versions["cpu"]
     assert versions["n_parameters"] == "1234"
+    versions = pd.read_csv(provenance.write_versions(tmp_path)).set_index("package").version  # notebook 00 after 01
+    assert (versions["dtype"], versions["n_parameters"]) == ("float32", "1234")  # the model's rows are kept
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

