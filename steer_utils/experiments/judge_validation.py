@@ -270,6 +270,9 @@ ROUNDS = {
     5: "a confirmation round: Qwen2.5-Coder-0.5B, notebook 01 (default profile), every LLM-judge positive of "
     "attention-soft-rfm and of the negative controls, and 40 seeded judge negatives of attention-soft-rfm; labelled "
     "blind in two sheets (the second, of judge positives only, holds those the first sheet's draw had left out)",
+    6: "a confirmation round: Qwen2.5-Coder-1.5B, notebook 01 (compact profile), every LLM-judge positive of "
+    "attention-soft-rfm and of the negative controls (the controls had none), and 40 seeded judge negatives of "
+    "attention-soft-rfm; labelled blind in one sheet",
 }
 
 
