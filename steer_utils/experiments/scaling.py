@@ -67,7 +67,8 @@ def collect(
             f"No results/{Path('<model>', variant, name).as_posix()} under '{root}'; run "
             f"`make all` (notebooks 00-03) first."
         )
-    missing = [m for m in models if not (root / m / variant / name).is_file()]
+    present = having(name, models, root, variant)
+    missing = [m for m in models if m not in present]
     if missing:
         raise FileNotFoundError(
             f"results/{Path(missing[0], variant, name).as_posix()} is missing; run "
