@@ -14,6 +14,8 @@ PROFILE ?= default
 DTYPE ?= auto
 # The judge of notebooks 01-03, 05 and 06: llm (validated against hand labels, docs/judge.md) or embedding.
 JUDGE ?= llm
+# make judge keeps the committed calibration while the dev labels are those it was chosen on; REFIT=1 chooses again.
+REFIT ?=
 # Steering protocol of notebooks 01-03 and 05 (empty: the one notebook 06 chose, protocol.ADOPTED; `paper`: the
 # paper's training). Off the adopted one, results go to results/<model>/protocol-<name>/, where 04 reads them.
 PROTOCOL ?=
@@ -140,8 +142,8 @@ merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_select
 		$(BIN)/python -m steer_utils.tools.shards verify --model "$$m" --notebook $(NOTEBOOK) --num-shards $(NUM_SHARDS)$(PROTOCOL_OPT); \
 	done
 
-judge: $(STAMP) ## Validate the LLM judge on data/judge_cases.jsonl: calibration (dev halves), docs/judge.md (test halves)
-	$(BIN)/python -m steer_utils.experiments.judge_validation
+judge: $(STAMP) ## Validate the LLM judge on data/judge_cases.jsonl: calibration (dev halves; REFIT=1 chooses again), docs/judge.md (test halves)
+	$(BIN)/python -m steer_utils.experiments.judge_validation$(if $(REFIT), --refit)
 
 rejudge: $(STAMP) ## P(yes) of every committed response from the LLM judge, into its memo (resumable; hours on a CPU)
 	$(BIN)/python -m steer_utils.experiments.judge_validation rejudge

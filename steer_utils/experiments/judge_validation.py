@@ -9,8 +9,9 @@
 Every case of data/judge_cases.jsonl gets both judges' columns (`LLMJudge.score_table` with no calibration: P(yes)
 for all). The candidate calibrations (a threshold on P(yes); the same behind the embedding judge's coherence gate; a
 logistic model over P(yes), relevance, rank and coherence, with and without the gate) are fitted on the dev halves,
-and the one with the highest dev kappa is written to data/judge_calibration.json. Only then are the test halves
-read: results/judge/validation.csv (per round, source, split and class, both judges) and docs/judge.md.
+and the one with the highest plateau kappa is written to data/judge_calibration.json, unless the committed one was
+chosen on the same dev labels (then it is kept; `--refit` chooses again). Only then are the test halves read:
+results/judge/validation.csv (per round, source, split and class, both judges) and docs/judge.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..cache import atomic_write, write_csv
 from ..core.decoding import generate_reference
-from ..core.models import load_model
+from ..core.models import cpu_name, load_model
 from ..core.training import OURS, train
 from ..paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT, model_slug
 from .data import development_concepts, load_questions, load_statements
@@ -53,38 +54,67 @@ def metrics(labels, predictions) -> dict:
     }
 
 
-def best_threshold(probability: np.ndarray, labels, passed: np.ndarray) -> tuple[float, float]:
-    """(threshold, kappa): the cut on `probability` (among rows that `passed`) with the highest kappa."""
-    cuts = np.unique(np.concatenate([[0.0], probability[passed]]))
-    scored = [(agreement(labels, passed & (probability > t))["kappa"], -t) for t in cuts]
-    kappa, neg_t = max(scored)
-    return float(-neg_t), float(kappa)
+# Thresholds are chosen on a grid, by Cohen's kappa averaged over a window around each cut: dev kappa is flat over a
+# wide range of cuts (0.60-0.65 from 0.3 to 0.5 for the committed logistic model), so its single highest point moves
+# with tiny changes of P(yes) (bf16 on another CPU: mean |change| under 0.01), while the window's mean does not.
+CUTS = np.round(np.arange(0.0, 1.0, 0.01), 2)  # candidate thresholds
+PLATEAU = 5  # cuts on each side of a threshold whose kappa is averaged with it (+-0.05)
 
 
-def candidates(dev: pd.DataFrame) -> list[tuple[str, Calibration, float]]:
-    """(name, calibration, dev kappa) for every candidate, each fitted on `dev` alone."""
+def kappa_curve(probability: np.ndarray, labels, passed: np.ndarray) -> np.ndarray:
+    """Kappa of `passed & (probability > cut)` against `labels`, per cut of `CUTS`."""
+    return np.array([agreement(labels, passed & (probability > t))["kappa"] for t in CUTS])
+
+
+def best_threshold(probability: np.ndarray, labels, passed: np.ndarray) -> tuple[float, float, float]:
+    """(threshold, kappa there, plateau kappa): the cut of `CUTS` whose window of +-`PLATEAU` cuts has the highest
+    mean kappa (ties: the lowest cut)."""
+    kappa = kappa_curve(probability, labels, passed)
+    padded = np.pad(kappa, PLATEAU, mode="edge")  # the window at either end repeats the end's kappa
+    plateau = np.convolve(padded, np.ones(2 * PLATEAU + 1) / (2 * PLATEAU + 1), mode="valid")
+    best = int(np.argmax(plateau))
+    return float(CUTS[best]), float(kappa[best]), float(plateau[best])
+
+
+def dev_digest(dev: pd.DataFrame) -> str:
+    """A digest of the dev-half labels (each case's class, concept, question, response and label), order-free: a
+    calibration records the digest of the cases it was chosen on."""
+    keys = dev[["concept_class", "concept", "question", "response", "label"]].astype(str).agg("\x1f".join, axis=1)
+    return hashlib.sha256("\x1e".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
+
+
+def candidates(dev: pd.DataFrame) -> list[tuple[str, Calibration, float, float]]:
+    """(name, calibration, dev kappa, plateau kappa) for every candidate, each fitted on `dev` alone."""
     out = []
     for gate in (False, True):
         base = Calibration(gate=gate)
         passed = gate_mask(dev) if gate else np.ones(len(dev), dtype=bool)
-        threshold, kappa = best_threshold(base.probability(dev), dev.label, passed)
-        out.append((f"P(yes){' + gate' if gate else ''}", replace(base, threshold=threshold), kappa))
+        threshold, kappa, plateau = best_threshold(base.probability(dev), dev.label, passed)
+        out.append((f"P(yes){' + gate' if gate else ''}", replace(base, threshold=threshold), kappa, plateau))
         fitted = Calibration(gate=gate, weights=fit_logistic(dev[passed], dev.label[passed]))
-        threshold, kappa = best_threshold(fitted.probability(dev), dev.label, passed)
-        out.append((f"logistic{' + gate' if gate else ''}", replace(fitted, threshold=threshold), kappa))
+        threshold, kappa, plateau = best_threshold(fitted.probability(dev), dev.label, passed)
+        out.append((f"logistic{' + gate' if gate else ''}", replace(fitted, threshold=threshold), kappa, plateau))
     return out
 
 
-def choose(judged: pd.DataFrame, dtype: str) -> tuple[Calibration, pd.DataFrame]:
-    """The candidate with the highest kappa on the pooled dev halves (P(yes) of the judge model in `dtype`), and a
-    table of every candidate's dev kappa."""
+def choose(judged: pd.DataFrame, dtype: str, kept: Calibration | None = None) -> tuple[Calibration, pd.DataFrame, bool]:
+    """The candidate with the highest plateau kappa on the pooled dev halves (P(yes) of the judge model in `dtype`),
+    a table of every candidate's dev kappa, and whether `kept` was kept instead: a calibration chosen for this judge
+    model, precision and prompt on the same dev labels is not chosen again (the choice is made once, on dev data;
+    rerunning the validation on another CPU must not move it)."""
     dev = judged[(judged.split == "dev") & (judged.source != CONFIRMATION)].reset_index(drop=True)
+    digest = dev_digest(dev)
     found = candidates(dev)
-    table = pd.DataFrame([{"calibration": n, "dev_kappa": k, "threshold": c.threshold} for n, c, k in found])
-    name, best, kappa = max(found, key=lambda f: f[2])
-    chosen_on = f"{name}: highest kappa ({kappa:.3f}) on the {len(dev)} dev-half cases of {JUDGE_MODEL}'s P(yes)"
-    chosen_on += f" ({dtype})"
-    return replace(best, chosen_on=chosen_on, model=JUDGE_MODEL, dtype=dtype, prompt_version=PROMPT_VERSION), table
+    table = pd.DataFrame(
+        [{"calibration": n, "dev_kappa": k, "plateau_kappa": w, "threshold": c.threshold} for n, c, k, w in found]
+    )
+    if kept is not None and kept.fits(JUDGE_MODEL, dtype) and kept.dev_cases == digest:
+        return kept, table, True
+    name, best, kappa, plateau = max(found, key=lambda f: f[3])
+    chosen_on = f"{name}: highest plateau kappa ({plateau:.3f}; {kappa:.3f} at its threshold) on the {len(dev)} "
+    chosen_on += f"dev-half cases of {JUDGE_MODEL}'s P(yes) ({dtype})"
+    chosen = replace(best, chosen_on=chosen_on, model=JUDGE_MODEL, dtype=dtype, prompt_version=PROMPT_VERSION)
+    return replace(chosen, dev_cases=digest), table, False
 
 
 def validation_rows(judged: pd.DataFrame) -> pd.DataFrame:
@@ -285,7 +315,44 @@ def _summary(rows: pd.DataFrame) -> str:
     )
 
 
-def write_docs(rows: pd.DataFrame, choices: pd.DataFrame, calibration: Calibration) -> str:
+def _run_cpu(path: Path) -> str:
+    """The CPU that ran the notebook which wrote a generations table (its folder's durations.csv), if recorded."""
+    durations = path.parent / "durations.csv"
+    if durations.is_file():
+        rows = pd.read_csv(durations)
+        cpu = rows.cpu[rows.notebook.str[:2] == path.name[:2]]
+        if len(cpu):
+            return str(cpu.iloc[-1])
+    return "a CPU not recorded"
+
+
+def stored_p_yes(judged: pd.DataFrame, calibration: Calibration, results: Path = RESULTS_DIR) -> pd.DataFrame:
+    """How this run's P(yes) of the hand-labelled cases compares with the P(yes) the committed notebooks stored for
+    the same responses, per CPU that ran those notebooks: n, mean and largest absolute difference, and the verdicts
+    `calibration` changes between the two."""
+    keys = ["concept_class", "concept", "question", "response"]
+    parts = []
+    for path in generation_files(results):
+        frame = pd.read_csv(path, keep_default_na=False)
+        if "p_yes" in frame:
+            parts.append(frame[keys + ["p_yes"]].assign(cpu=_run_cpu(path)))
+    if not parts:
+        return pd.DataFrame(columns=["cpu", "n", "mean", "max", "flips"])
+    stored = pd.concat(parts, ignore_index=True)
+    stored = stored[stored.p_yes.astype(str) != ""].astype({"p_yes": float}).drop_duplicates(keys)
+    both = judged.drop_duplicates(keys).merge(stored, on=keys, suffixes=("", "_stored"))
+    both["difference"] = (both.p_yes - both.p_yes_stored).abs()
+    both["flip"] = calibration.verdict(both) != calibration.verdict(both.assign(p_yes=both.p_yes_stored))
+    return (
+        both.groupby("cpu")
+        .agg(n=("flip", "size"), mean=("difference", "mean"), max=("difference", "max"), flips=("flip", "sum"))
+        .reset_index()
+    )
+
+
+def write_docs(
+    rows: pd.DataFrame, choices: pd.DataFrame, calibration: Calibration, kept: bool, reproduced: pd.DataFrame
+) -> str:
     """docs/judge.md from the validation tables (generated: edit this function, not the file)."""
     rounds = rows[rows.concept_class.isna() & (rows.split == "test")].astype({"round": str})
     by_round = side_by_side(rounds, ["round", "source"])
@@ -335,12 +402,14 @@ chose their mix of positives, no calibration is fitted on them and the pooled `a
 
 Every hand-labelled case in `data/judge_cases.jsonl` carries a `split`, dev or test (for rounds 1-3 as drawn; from
 round 4 on, a hash of the response: `judge_validation.split_of`). Each candidate below was fitted on the dev halves
-alone (thresholds for the highest Cohen's kappa; the logistic model over logit P(yes), relevance, log rank and
-coherence on dev labels), and the one with the highest dev kappa is the default (`data/judge_calibration.json`):
+alone (thresholds on a grid of cuts for the highest Cohen's kappa averaged over +-0.05, `plateau_kappa`; the logistic
+model over logit P(yes), relevance, log rank and coherence on dev labels), and the one with the highest plateau kappa
+is the default (`data/judge_calibration.json`):
 
 {_markdown(choices)}
 
 Chosen: **{calibration.chosen_on}** (threshold {calibration.threshold:.3f}, gate {"on" if calibration.gate else "off"}).
+{_kept_note(calibration, choices, kept, reproduced)}
 
 ## Held-out agreement with people (test halves)
 
@@ -365,16 +434,49 @@ By class, test halves:
     return text
 
 
-def validate(dtype: str = JUDGE_DTYPE) -> int:
+def _kept_note(calibration: Calibration, choices: pd.DataFrame, kept: bool, reproduced: pd.DataFrame) -> str:
+    """What docs/judge.md says about where this page's P(yes) came from and whether the calibration was kept."""
+    note = f"The P(yes) on this page were computed on {cpu_name()}."
+    for row in reproduced.itertuples():
+        note += (
+            f" For the {row.n} cases whose response a committed notebook run on {row.cpu} also judged, they differ from"
+            f" that run's stored P(yes) by {row.mean:.4f} on average and {row.max:.3f} at most, which changes"
+            f" {row.flips} verdict(s)."
+        )
+    note += " Thresholds are chosen on a grid by the mean kappa over +-0.05 around each cut (the plateau): the dev"
+    note += " kappa is flat over a wide range of cuts, and its single highest point moves with P(yes) differences of"
+    note += " that size."
+    if kept:
+        note += (
+            f" The calibration above was **kept**, not chosen again: the dev halves are those it was chosen on (digest"
+            f" `{calibration.dev_cases}`), so `make judge` only re-measures it; new dev labels, or `make judge"
+            " REFIT=1`, choose again."
+        )
+        best = choices.loc[choices.plateau_kappa.idxmax()]
+        if (
+            not calibration.chosen_on.startswith(f"{best.calibration}:")
+            or abs(best.threshold - calibration.threshold) > 0.02
+        ):
+            note += (
+                f" On this run's P(yes) a refit would choose {best.calibration} at threshold {best.threshold:.2f}"
+                f" (plateau kappa {best.plateau_kappa:.3f}); it would change the verdicts near the cut of every"
+                " committed notebook, which would then have to be rerun."
+            )
+    return note
+
+
+def validate(dtype: str = JUDGE_DTYPE, refit: bool = False) -> int:
     """Judge every case, choose the calibration on the dev halves, write the tables and docs/judge.md."""
     judge = load_judge("llm", calibration=Calibration(), dtype=dtype)  # no gate: P(yes) for every case
     judged = judge_cases(judge, load_cases())
-    calibration, choices = choose(judged, judge.precision)
-    calibration.save(JUDGE_CALIBRATION_FILE)
+    saved = None if refit or not JUDGE_CALIBRATION_FILE.is_file() else Calibration.load(JUDGE_CALIBRATION_FILE)
+    calibration, choices, kept = choose(judged, judge.precision, saved)
+    if not kept:
+        calibration.save(JUDGE_CALIBRATION_FILE)
     judged["score"] = calibration.verdict(judged)
     rows = validation_rows(judged)
     write_csv(rows, RESULTS_DIR / "judge" / "validation.csv")
-    write_docs(rows, choices, calibration)
+    write_docs(rows, choices, calibration, kept, stored_p_yes(judged, calibration))
     print(_summary(rows))
     return 0
 
@@ -436,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = ["validate", "draw", "confirm", "add", "rejudge"]
     parser.add_argument("command", nargs="?", default="validate", choices=commands)
     parser.add_argument("--dtype", default=JUDGE_DTYPE, help="the judge model's precision")
+    parser.add_argument("--refit", action="store_true", help="validate: choose the calibration again")
     parser.add_argument("--round", type=int, default=4, help="draw: the round's number (ids r<round>-NNN)")
     parser.add_argument("--per-cell", type=int, default=8, help="draw: responses per (class, both verdicts)")
     parser.add_argument("--pool-per-cell", type=int, default=20, help="draw: pool per (model, class, verdict)")
@@ -455,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return confirm_sheet(args.model, args.round, args.negatives, args.seed, args.out)
     if args.command == "draw":
         return draw_sheet(args.round, args.per_cell, args.pool_per_cell, args.seed, args.out, args.steered_model)
-    return validate(args.dtype)
+    return validate(args.dtype, args.refit)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class Calibration:
     model: str = ""  # the judge model, its precision and the prompt version it was chosen for
     dtype: str = ""
     prompt_version: int = 0
+    dev_cases: str = ""  # digest of the dev-half labels it was chosen on (`judge_validation.dev_digest`)
 
     def fits(self, model: str, dtype: str) -> bool:
         """Whether this calibration was chosen for `model` in precision `dtype` under today's prompt."""

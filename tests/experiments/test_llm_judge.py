@@ -304,6 +304,9 @@ def _judged_frame(seed: int = 0, n: int = 200) -> pd.DataFrame:
             "round": 1,
             "source": "generated",
             "concept_class": "places",
+            "concept": [f"concept {i}" for i in range(n)],
+            "question": "Where?",
+            "response": [f"response {i}" for i in range(n)],
             "split": split,
             "label": label,
             "p_yes": p_yes,
@@ -318,14 +321,49 @@ def _judged_frame(seed: int = 0, n: int = 200) -> pd.DataFrame:
 
 def test_the_calibration_is_chosen_on_the_dev_halves_alone():
     judged = _judged_frame()
-    chosen, table = judge_validation.choose(judged, "bfloat16")
+    chosen, table, kept = judge_validation.choose(judged, "bfloat16")
     scrambled = judged.assign(label=np.where(judged.split == "test", 1 - judged.label, judged.label))
-    again, _ = judge_validation.choose(scrambled, "bfloat16")
+    again, _, _ = judge_validation.choose(scrambled, "bfloat16")
     assert again == chosen  # the test halves' labels play no part in the choice
     assert len(table) == 4 and chosen.fits(llm_judge.JUDGE_MODEL, "bfloat16")
     assert not chosen.fits(llm_judge.JUDGE_MODEL, "float32")  # another precision needs its own choice
     dev = judged[judged.split == "dev"]
-    assert judge_validation.metrics(dev.label, chosen.verdict(dev))["kappa"] == pytest.approx(table.dev_kappa.max())
+    assert not kept and chosen.dev_cases == judge_validation.dev_digest(dev)
+    best = table.loc[table.plateau_kappa.idxmax()]
+    assert chosen.threshold == best.threshold
+    assert judge_validation.metrics(dev.label, chosen.verdict(dev))["kappa"] == pytest.approx(best.dev_kappa)
+
+
+def test_the_threshold_is_the_middle_of_the_best_plateau_and_holds_under_small_p_yes_changes():
+    for seed in range(5):
+        judged = _judged_frame(seed, n=400)
+        p, passed = judged.p_yes.to_numpy(), np.ones(len(judged), dtype=bool)
+        threshold, kappa, plateau = judge_validation.best_threshold(p, judged.label, passed)
+        curve = judge_validation.kappa_curve(p, judged.label, passed)
+        i = int(np.flatnonzero(judge_validation.CUTS == threshold)[0])
+        assert kappa == curve[i] and plateau == pytest.approx(curve[max(i - 5, 0) : i + 6].mean())
+        assert all(curve[max(j - 5, 0) : j + 6].mean() <= plateau + 1e-12 for j in range(5, len(curve) - 5))
+        noisy = np.clip(p + np.random.default_rng(seed).normal(0, 0.005, len(p)), 0, 1)  # bf16 on another CPU
+        assert abs(judge_validation.best_threshold(noisy, judged.label, passed)[0] - threshold) <= 0.02
+    # A flat top (every cut between the classes agrees perfectly): the cut keeps 0.05 from both of its edges, where
+    # the highest single point (the lowest perfect cut, just above the last negative) would flip with P(yes) noise.
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(0.0, 0.3, 100), rng.uniform(0.6, 1.0, 100)])
+    labels = np.repeat([0, 1], 100)
+    threshold, kappa, plateau = judge_validation.best_threshold(p, labels, np.ones(200, dtype=bool))
+    assert kappa == pytest.approx(plateau) == 1.0 and p[:100].max() + 0.05 <= threshold <= p[100:].min() - 0.05
+
+
+def test_a_calibration_chosen_on_the_same_dev_labels_is_kept():
+    judged = _judged_frame()
+    chosen, _, _ = judge_validation.choose(judged, "bfloat16")
+    other_cpu = judged.assign(p_yes=np.clip(judged.p_yes + 0.01, 0, 1))
+    assert judge_validation.choose(other_cpu, "bfloat16", chosen)[::2] == (chosen, True)
+    test_changed = judged.assign(label=np.where(judged.split == "test", 1 - judged.label, judged.label))
+    assert judge_validation.choose(test_changed, "bfloat16", chosen)[2]  # the test halves play no part
+    relabelled = judged.assign(label=np.where(judged.index == 0, 1 - judged.label, judged.label))  # row 0: dev
+    assert not judge_validation.choose(relabelled, "bfloat16", chosen)[2]
+    assert not judge_validation.choose(judged, "float32", chosen)[2]  # another precision needs its own choice
 
 
 def test_validation_rows_put_both_judges_side_by_side():
@@ -386,7 +424,9 @@ def test_no_calibration_is_fitted_on_a_confirmation_round():
     rng = np.random.default_rng(0)
     n = 60
     judged = pd.DataFrame(
-        {"split": "dev", "source": "generated", "label": rng.integers(0, 2, n), "p_yes": rng.uniform(0.01, 0.99, n),
+        {"split": "dev", "source": "generated", "concept_class": "moods", "concept": "calm", "question": "How?",
+         "response": [f"response {i}" for i in range(n)], "label": rng.integers(0, 2, n),
+         "p_yes": rng.uniform(0.01, 0.99, n),
          "relevance": rng.uniform(0, 1, n), "concept_rank": rng.integers(1, 50, n), "coherence": 1.0,
          "non_answer": False, "reason": "ok"}
     )  # fmt: skip
@@ -401,7 +441,29 @@ def test_the_committed_calibration_fits_todays_prompt_and_beats_the_embedding_ju
 
     calibration = Calibration.load(JUDGE_CALIBRATION_FILE)
     assert calibration.fits(llm_judge.JUDGE_MODEL, llm_judge.JUDGE_DTYPE), "prompt or model changed: `make judge`"
+    cases = judge.load_cases()
+    dev = cases[(cases.split == "dev") & (cases.source != judge_validation.CONFIRMATION)]
+    assert calibration.dev_cases == judge_validation.dev_digest(dev), "dev labels changed: `make judge REFIT=1`"
     rows = pd.read_csv(ROOT / "results" / "judge" / "validation.csv", dtype={"round": str})
     pooled = rows[(rows["round"] == "all") & (rows.split == "test")].set_index("judge")
     assert pooled.kappa["llm"] > pooled.kappa["embedding"] and pooled.n["llm"] >= 200
     assert f"kappa {pooled.kappa['llm']:.2f}" in (ROOT / "docs" / "judge.md").read_text()
+
+
+def test_stored_p_yes_compares_the_cases_with_the_committed_runs_per_cpu(tmp_path):
+    judged = _judged_frame(n=20)
+    folder = tmp_path / "some-model"
+    folder.mkdir()
+    stored = judged.head(6).assign(p_yes=judged.p_yes.head(6) + [0.0, 0.0, 0.0, 0.0, 0.01, 0.9], setting="ours")
+    stored = pd.concat([stored, judged.tail(2).assign(p_yes="")])  # gated out: no P(yes) stored
+    stored.to_csv(folder / "01_generations.csv", index=False)
+    pd.DataFrame({"notebook": ["01_token_selection"], "cpu": ["Some CPU (native bf16)"]}).to_csv(
+        folder / "durations.csv", index=False
+    )
+    calibration = Calibration(threshold=0.5)
+    table = judge_validation.stored_p_yes(judged, calibration, tmp_path).set_index("cpu")
+    row = table.loc["Some CPU (native bf16)"]
+    assert row.n == 6 and row["max"] == pytest.approx(0.9) and row["mean"] == pytest.approx(0.91 / 6)
+    assert row.flips == int(judged.p_yes.iloc[5] <= 0.5) + int(
+        (judged.p_yes.iloc[4] <= 0.5) != (judged.p_yes.iloc[4] + 0.01 <= 0.5)
+    )
