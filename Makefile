@@ -24,6 +24,8 @@ BENCH_MODELS ?= smollm2-135m gemma3-270m
 BENCH_OUT ?= bench
 # More options of python -m steer_utils.tools.bench, e.g. --no-judge-agreement (see its --help).
 BENCH_ARGS ?=
+# More papermill arguments for the per-model notebooks, e.g. NB_PARAMS="-y '{window_coefficients: [0.0025, 0.005, 0.0075, 0.01]}'".
+NB_PARAMS ?=
 # Sharding (see steer_utils/tools/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
 NUM_SHARDS ?= 1
@@ -120,7 +122,7 @@ $(PER_MODEL): %: $(STAMP)
 	@for m in $(MODELS); do \
 		$(SLUG); mkdir -p $(dir $(RUN_PATH)); \
 		echo "== $@ [$$m, $(PROFILE)$(SHARD_NOTE)] -> $(RUN_PATH)"; \
-		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call JUDGE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS) \
+		$(PAPERMILL) notebooks/$@.ipynb $(RUN_PATH) -p model "$$m" -p profile $(PROFILE) $(call DTYPE_ARG,$@)$(call JUDGE_ARG,$@)$(call PROTOCOL_ARG,$@)$(SHARD_PARAMS) $(NB_PARAMS) \
 			&& $(RECORD_DURATION) $(RUN_PATH); \
 	done
 

@@ -128,6 +128,12 @@ PARAMETERS = {
         "-y 'fractions: [0.25, 0.5]'",
         _LIST_HINT,
     ),
+    "window_coefficients": (
+        "None (the profile's wide grid) or a list of at least 4 positive numbers",
+        lambda value: value is None or (_list_of(lambda v: _is_number(v) and v > 0)(value) and len(value) >= 4),
+        "-y 'window_coefficients: [0.0025, 0.005, 0.0075, 0.01, 0.015]'",
+        _LIST_HINT,
+    ),
     "eps_grid": (
         "a non-empty list of positive numbers",
         _list_of(lambda v: _is_number(v) and v > 0),

@@ -41,6 +41,9 @@ WINDOWS: dict[str, tuple[float, ...]] = {
     # 0.09 against 0.08 (notebook 01's grid: 0.033 and 0.10); its random control 0.00. The text breaks above 0.025
     # (coherent 0.84 -> 0.60 -> 0.35). Small numbers: 3 to 6 of 100 answers on-concept at any one eps.
     "smollm2-135m": (0.025, 0.035, 0.05, 0.075),
+    # default profile, 20 development concepts, eps 0.0025-0.1 (2026-12-07): one on-concept answer in 1,000 (at
+    # 0.025) decides it, held-out 0.017; every other window 0.00-0.01. The rule's pick, without signal on this model.
+    "gemma3-270m": (0.025, 0.035, 0.05, 0.075),
 }
 
 
