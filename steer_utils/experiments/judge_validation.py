@@ -33,7 +33,7 @@ from ..core.training import OURS, train
 from ..paths import JUDGE_CALIBRATION_FILE, JUDGE_CASES_FILE, RESULTS_DIR, ROOT, model_slug
 from .data import development_concepts, load_questions, load_statements
 from .judge import agreement, judge_cases, load_cases, load_judge, score_generations
-from .llm_judge import JUDGE_DTYPE, JUDGE_MODEL, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
+from .llm_judge import JUDGE_DTYPE, JUDGE_MODEL, MEMO_KEYS, PROMPT_VERSION, Calibration, fit_logistic, gate_mask
 from .pipeline import CONTROLS, contrast_concepts
 from .profiles import PROFILES
 
@@ -76,6 +76,11 @@ def best_threshold(probability: np.ndarray, labels, passed: np.ndarray) -> tuple
     return float(CUTS[best]), float(kappa[best]), float(plateau[best])
 
 
+def dev_halves(cases: pd.DataFrame) -> pd.DataFrame:
+    """The cases a calibration is fitted on: the dev halves of every round but the confirmation rounds."""
+    return cases[(cases.split == "dev") & (cases.source != CONFIRMATION)].reset_index(drop=True)
+
+
 def dev_digest(dev: pd.DataFrame) -> str:
     """A digest of the dev-half labels (each case's class, concept, question, response and label), order-free: a
     calibration records the digest of the cases it was chosen on."""
@@ -102,7 +107,7 @@ def choose(judged: pd.DataFrame, dtype: str, kept: Calibration | None = None) ->
     a table of every candidate's dev kappa, and whether `kept` was kept instead: a calibration chosen for this judge
     model, precision and prompt on the same dev labels is not chosen again (the choice is made once, on dev data;
     rerunning the validation on another CPU must not move it)."""
-    dev = judged[(judged.split == "dev") & (judged.source != CONFIRMATION)].reset_index(drop=True)
+    dev = dev_halves(judged)
     digest = dev_digest(dev)
     found = candidates(dev)
     table = pd.DataFrame(
@@ -330,7 +335,7 @@ def stored_p_yes(judged: pd.DataFrame, calibration: Calibration, results: Path =
     """How this run's P(yes) of the hand-labelled cases compares with the P(yes) the committed notebooks stored for
     the same responses, per CPU that ran those notebooks: n, mean and largest absolute difference, and the verdicts
     `calibration` changes between the two."""
-    keys = ["concept_class", "concept", "question", "response"]
+    keys = MEMO_KEYS  # what a P(yes) belongs to
     parts = []
     for path in generation_files(results):
         frame = pd.read_csv(path, keep_default_na=False)

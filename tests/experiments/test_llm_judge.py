@@ -441,8 +441,7 @@ def test_the_committed_calibration_fits_todays_prompt_and_beats_the_embedding_ju
 
     calibration = Calibration.load(JUDGE_CALIBRATION_FILE)
     assert calibration.fits(llm_judge.JUDGE_MODEL, llm_judge.JUDGE_DTYPE), "prompt or model changed: `make judge`"
-    cases = judge.load_cases()
-    dev = cases[(cases.split == "dev") & (cases.source != judge_validation.CONFIRMATION)]
+    dev = judge_validation.dev_halves(judge.load_cases())
     assert calibration.dev_cases == judge_validation.dev_digest(dev), "dev labels changed: `make judge REFIT=1`"
     rows = pd.read_csv(ROOT / "results" / "judge" / "validation.csv", dtype={"round": str})
     pooled = rows[(rows["round"] == "all") & (rows.split == "test")].set_index("judge")
