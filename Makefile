@@ -26,6 +26,8 @@ BENCH_OUT ?= bench
 BENCH_ARGS ?=
 # More papermill arguments for the per-model notebooks, e.g. NB_PARAMS="-y '{window_coefficients: [0.0025, 0.005, 0.0075, 0.01]}'".
 NB_PARAMS ?=
+# The models notebook 04 compares (empty: every model with committed notebook-01 results, whatever MODELS ran).
+COMPARE ?=
 # Sharding (see steer_utils/tools/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
 NUM_SHARDS ?= 1
@@ -114,7 +116,7 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (steer-utils)" >/dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
-all: judge $(PER_MODEL) $(CROSS_MODEL) report ## `judge`, every numbered notebook for each model in MODELS with PROFILE, then 04 once over all MODELS, `report`
+all: judge $(PER_MODEL) $(CROSS_MODEL) report ## `judge`, every numbered notebook for each model in MODELS with PROFILE, then 04 once (every model in results/, or COMPARE), `report`
 
 $(PER_MODEL): %: $(STAMP)
 	$(SHARD_CHECK)
@@ -128,10 +130,10 @@ $(PER_MODEL): %: $(STAMP)
 
 $(CROSS_MODEL): %: $(STAMP)
 	$(if $(SHARDED),$(error $@ compares models from their results and is not sharded; run it without NUM_SHARDS))
-	@$(CHECK_INPUTS) $@ --models $(MODELS)$(PROTOCOL_OPT)
+	@$(CHECK_INPUTS) $@ --models $(or $(strip $(COMPARE)),$(MODELS))$(PROTOCOL_OPT)
 	@mkdir -p runs
-	@echo "== $@ [$(MODELS)] -> runs/$@$(RUN_SUFFIX).ipynb"
-	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb -y "{models: [$(foreach m,$(MODELS),'$(m)'$(comma))]}"$(call PROTOCOL_ARG,$@) \
+	@echo "== $@ [$(or $(strip $(COMPARE)),every model in results/)] -> runs/$@$(RUN_SUFFIX).ipynb"
+	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb$(if $(strip $(COMPARE)), -y "{models: [$(foreach m,$(COMPARE),'$(m)'$(comma))]}")$(call PROTOCOL_ARG,$@) \
 		&& $(RECORD_DURATION) runs/$@$(RUN_SUFFIX).ipynb
 
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]

@@ -147,6 +147,15 @@ def test_a_notebook_names_the_results_it_needs_before_it_starts(tmp_path, monkey
     assert "run `make 01_token_selection MODELS=org/new` first." in out.stderr and "papermill" not in out.stdout
 
 
+def test_notebook_04_compares_every_committed_model_unless_compare_names_some():
+    """`make all MODELS=x` reruns x, then 04 draws every model with results (the scaling curve); COMPARE picks."""
+    dry = ["make", "-n", "04_multi_model_scaling", "MODELS=smollm2-135m"]
+    every = subprocess.run(dry, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "papermill" in every and "models:" not in every and "[every model in results/]" in every
+    some = subprocess.run([*dry, "COMPARE=a b"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-y \"{models: ['a', 'b',]}\"" in some and "--models a b" in some
+
+
 TABLE_NAME = re.compile(r"[\"'/]((?:\d\d_[a-z0-9_]+|data_summary)\.csv)[\"']")
 
 
