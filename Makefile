@@ -28,6 +28,7 @@ BENCH_ARGS ?=
 NB_PARAMS ?=
 # The models notebook 04 compares (empty: every model with committed notebook-01 results, whatever MODELS ran).
 COMPARE ?=
+COMPARED = $(strip $(COMPARE))
 # Sharding (see steer_utils/tools/shards.py): run shard SHARD_INDEX of NUM_SHARDS; `make merge` combines them.
 SHARD_INDEX ?= 0
 NUM_SHARDS ?= 1
@@ -130,10 +131,10 @@ $(PER_MODEL): %: $(STAMP)
 
 $(CROSS_MODEL): %: $(STAMP)
 	$(if $(SHARDED),$(error $@ compares models from their results and is not sharded; run it without NUM_SHARDS))
-	@$(CHECK_INPUTS) $@ --models $(or $(strip $(COMPARE)),$(MODELS))$(PROTOCOL_OPT)
+	@$(CHECK_INPUTS) $@ --models $(or $(COMPARED),$(MODELS))$(PROTOCOL_OPT)
 	@mkdir -p runs
-	@echo "== $@ [$(or $(strip $(COMPARE)),every model in results/)] -> runs/$@$(RUN_SUFFIX).ipynb"
-	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb$(if $(strip $(COMPARE)), -y "{models: [$(foreach m,$(COMPARE),'$(m)'$(comma))]}")$(call PROTOCOL_ARG,$@) \
+	@echo "== $@ [$(or $(COMPARED),every model in results/)] -> runs/$@$(RUN_SUFFIX).ipynb"
+	$(PAPERMILL) notebooks/$@.ipynb runs/$@$(RUN_SUFFIX).ipynb$(if $(COMPARED), -y "{models: [$(foreach m,$(COMPARED),'$(m)'$(comma))]}")$(call PROTOCOL_ARG,$@) \
 		&& $(RECORD_DURATION) runs/$@$(RUN_SUFFIX).ipynb
 
 merge: $(STAMP) ## Merge a sharded notebook: make merge NOTEBOOK=01_token_selection NUM_SHARDS=4 [MODELS=...]
